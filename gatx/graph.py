@@ -1,0 +1,322 @@
+"""``gatx.Graph``: an immutable directed graph for attention, edges run src (key) -> dst (query)."""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["Graph", "CSR"]
+
+
+class CSR(NamedTuple):
+    """The graph's edges grouped by destination node.
+
+    ``indptr`` (num_dst + 1,) row offsets; ``perm`` (E,) edge ids in row order (stable, so edges of
+    one row keep their original order); ``src`` (E,) the source of each edge in row order.
+    """
+
+    indptr: Tensor
+    perm: Tensor
+    src: Tensor
+
+
+def _as_index(t: Any, name: str) -> Tensor:
+    if not isinstance(t, Tensor):
+        try:
+            t = torch.as_tensor(t)
+        except Exception as err:  # noqa: BLE001 - report what was received
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {type(t).__name__}") from err
+        if t.numel() == 0:
+            t = t.to(torch.int64)
+    if t.dtype not in (torch.int64, torch.int32):
+        raise ValueError(
+            f"{name} must be int64 or int32, got {t.dtype}; convert it with {name}.long()"
+        )
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D with one entry per edge, got shape {tuple(t.shape)}")
+    return t.to(torch.int64)
+
+
+def _as_count(n: Any, name: str) -> int:
+    if isinstance(n, Tensor):
+        if n.numel() != 1:
+            raise ValueError(f"{name} must be a non-negative int, got a tensor of shape {tuple(n.shape)}")
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, int) and not hasattr(n, "__index__"):
+        raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {n}")
+    return n
+
+
+class Graph:
+    """An immutable directed graph: attention runs over each dst node's incoming edges.
+
+    Edge ``e`` runs from ``src[e]`` (a key / message source, in ``[0, num_src)``) to ``dst[e]``
+    (a query, in ``[0, num_dst)``). Homogeneous graphs have ``num_src == num_dst``; bipartite graphs
+    and DGL sampling blocks (``is_block=True``: the first ``num_dst`` source nodes are the
+    destination nodes) are first class. Input is validated here, once; kernels trust a ``Graph``.
+
+    Args:
+        src: (E,) int source ids.
+        dst: (E,) int destination ids.
+        num_src: number of source nodes; default ``num_dst``, or ``max id + 1`` over src and dst when
+            neither count is given (homogeneous).
+        num_dst: number of destination nodes; default ``num_src``.
+        is_block: the graph is a DGL-style block (dst nodes are a prefix of the src nodes).
+        structure: optional description of a regular structure (set by ``gatx.vision`` builders),
+            used by kernels that have a dense-batched fast path.
+
+    Shapes:
+        ``src``, ``dst``: (E,); ``in_degrees()``: (num_dst,).
+
+    >>> g = Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0]))
+    >>> g.num_src, g.num_dst, g.num_edges
+    (3, 3, 3)
+    """
+
+    __slots__ = ("_src", "_dst", "_num_src", "_num_dst", "_is_block", "_structure", "_csr", "_dgl", "_in_deg")
+
+    def __init__(
+        self,
+        src: Tensor,
+        dst: Tensor,
+        num_src: int | None = None,
+        num_dst: int | None = None,
+        *,
+        is_block: bool = False,
+        structure: Any = None,
+        validate: bool = True,
+    ) -> None:
+        if validate:
+            src = _as_index(src, "src")
+            dst = _as_index(dst, "dst")
+            if src.numel() != dst.numel():
+                raise ValueError(
+                    f"src and dst must have one entry per edge, got {src.numel()} sources and "
+                    f"{dst.numel()} destinations"
+                )
+            if src.device != dst.device:
+                raise ValueError(
+                    f"src and dst must be on the same device, got {src.device} and {dst.device}; "
+                    "move them with .to(device)"
+                )
+            max_src = int(src.max()) if src.numel() else -1
+            max_dst = int(dst.max()) if dst.numel() else -1
+            min_id = min(int(src.min()), int(dst.min())) if src.numel() else 0
+            if min_id < 0:
+                raise ValueError(f"node ids must be non-negative, got {min_id}")
+            if num_src is None and num_dst is None:
+                num_src = num_dst = max(max_src, max_dst) + 1
+            elif num_src is None:
+                num_src = num_dst
+            elif num_dst is None:
+                num_dst = num_src
+            num_src = _as_count(num_src, "num_src")
+            num_dst = _as_count(num_dst, "num_dst")
+            if max_src >= num_src:
+                raise ValueError(
+                    f"src ids must be < num_src={num_src}, got max id {max_src}; "
+                    "pass a larger num_src or fix the edge list"
+                )
+            if max_dst >= num_dst:
+                raise ValueError(
+                    f"dst ids must be < num_dst={num_dst}, got max id {max_dst}; "
+                    "pass a larger num_dst or fix the edge list"
+                )
+            if is_block and num_dst > num_src:
+                raise ValueError(
+                    f"a block's dst nodes are a prefix of its src nodes, so num_dst ({num_dst}) "
+                    f"must be <= num_src ({num_src})"
+                )
+        self._src = src
+        self._dst = dst
+        self._num_src = int(num_src)
+        self._num_dst = int(num_dst)
+        self._is_block = bool(is_block)
+        self._structure = structure
+        self._csr: CSR | None = None
+        self._dgl: Any = None
+        self._in_deg: Tensor | None = None
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_edge_index(cls, edge_index: Tensor, num_nodes: int | tuple[int, int] | None = None) -> "Graph":
+        """From a PyG-style ``edge_index`` of shape (2, E): row 0 is the source, row 1 the target.
+
+        ``num_nodes`` is an int (homogeneous) or a ``(num_src, num_dst)`` pair (bipartite).
+        """
+        if not isinstance(edge_index, Tensor):
+            edge_index = torch.as_tensor(edge_index)
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError(
+                f"edge_index must have shape (2, E) (row 0 = source, row 1 = target), "
+                f"got {tuple(edge_index.shape)}"
+            )
+        if isinstance(num_nodes, tuple):
+            return cls(edge_index[0], edge_index[1], num_nodes[0], num_nodes[1])
+        return cls(edge_index[0], edge_index[1], num_nodes, num_nodes)
+
+    @classmethod
+    def from_dgl(cls, g: Any) -> "Graph":
+        """From a homogeneous ``dgl.DGLGraph`` or a sampling block; edge ids are kept."""
+        if len(g.canonical_etypes) != 1:
+            raise ValueError(
+                f"gatx needs a graph with one edge type, got {len(g.canonical_etypes)}: "
+                f"{g.canonical_etypes}; select one with g[etype]"
+            )
+        src, dst = g.edges(order="eid")
+        n_src, n_dst = g.num_src_nodes(), g.num_dst_nodes()
+        if not g.is_block and n_src != n_dst and len(g.ntypes) == 1:
+            raise ValueError(f"unexpected DGL graph with {n_src} src and {n_dst} dst nodes")
+        graph = cls(src.long(), dst.long(), n_src, n_dst, is_block=g.is_block, validate=False)
+        graph._dgl = g
+        return graph
+
+    @classmethod
+    def from_scipy(cls, matrix: Any) -> "Graph":
+        """From a scipy sparse matrix of shape (num_src, num_dst): entry (i, j) is an edge i -> j.
+
+        Edges come in the order of ``matrix.tocoo()``, so ``matrix.tocoo().data`` lines up with them.
+        """
+        import scipy.sparse as sp
+
+        if not sp.issparse(matrix):
+            raise ValueError(f"expected a scipy.sparse matrix, got {type(matrix).__name__}")
+        coo = matrix.tocoo()
+        n_src, n_dst = coo.shape
+        return cls(torch.from_numpy(coo.row.astype("int64")), torch.from_numpy(coo.col.astype("int64")), n_src, n_dst)
+
+    @classmethod
+    def from_networkx(cls, nx_graph: Any) -> "Graph":
+        """From a networkx graph; nodes are numbered in ``nx_graph.nodes`` order.
+
+        An undirected graph gives two directed edges per edge (one per direction), as DGL and PyG do.
+        """
+        import networkx as nx
+
+        if not isinstance(nx_graph, nx.Graph):
+            raise ValueError(f"expected a networkx graph, got {type(nx_graph).__name__}")
+        index = {node: i for i, node in enumerate(nx_graph.nodes)}
+        pairs = [(index[u], index[v]) for u, v in nx_graph.edges()]
+        if not nx_graph.is_directed():
+            pairs = pairs + [(v, u) for u, v in pairs if u != v]
+        t = torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+        n = len(index)
+        return cls(t[:, 0], t[:, 1], n, n)
+
+    def to_dgl(self) -> Any:
+        """This graph as a ``dgl.DGLGraph`` (a block when bipartite or ``is_block``); edge ids kept."""
+        if self._dgl is not None:
+            return self._dgl
+        from .backends.dgl import import_dgl
+
+        dgl = import_dgl()
+        if self._is_block or self._num_src != self._num_dst:
+            g = dgl.create_block(
+                (self._src, self._dst), num_src_nodes=self._num_src, num_dst_nodes=self._num_dst, device=self._src.device
+            )
+        else:
+            g = dgl.graph((self._src, self._dst), num_nodes=self._num_src, device=self._src.device)
+        self._dgl = g
+        return g
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def src(self) -> Tensor:
+        return self._src
+
+    @property
+    def dst(self) -> Tensor:
+        return self._dst
+
+    @property
+    def num_src(self) -> int:
+        return self._num_src
+
+    @property
+    def num_dst(self) -> int:
+        return self._num_dst
+
+    @property
+    def num_edges(self) -> int:
+        return self._src.numel()
+
+    @property
+    def is_block(self) -> bool:
+        return self._is_block
+
+    @property
+    def is_homogeneous(self) -> bool:
+        return not self._is_block and self._num_src == self._num_dst
+
+    @property
+    def structure(self) -> Any:
+        return self._structure
+
+    @property
+    def device(self) -> torch.device:
+        return self._src.device
+
+    @property
+    def edge_index(self) -> Tensor:
+        """(2, E) PyG-style edge index."""
+        return torch.stack([self._src, self._dst])
+
+    def in_degrees(self) -> Tensor:
+        """(num_dst,) number of incoming edges of each dst node."""
+        if self._in_deg is None:
+            self._in_deg = torch.bincount(self._dst, minlength=self._num_dst)
+        return self._in_deg
+
+    def csr(self) -> CSR:
+        """Edges grouped by dst (cached): see :class:`CSR`."""
+        if self._csr is None:
+            perm = torch.argsort(self._dst, stable=True)
+            indptr = torch.zeros(self._num_dst + 1, dtype=torch.int64, device=self.device)
+            torch.cumsum(self.in_degrees(), 0, out=indptr[1:])
+            self._csr = CSR(indptr, perm, self._src[perm])
+        return self._csr
+
+    # ------------------------------------------------------------------ transforms (new graphs)
+    def add_self_loops(self) -> "Graph":
+        """A new graph with an edge i -> i appended for every dst node i (after the existing edges)."""
+        if not self._is_block and self._num_src != self._num_dst:
+            raise ValueError(
+                f"self-loops need dst nodes that are also src nodes; this bipartite graph has "
+                f"{self._num_src} src and {self._num_dst} dst nodes (build it with is_block=True if "
+                "its dst nodes are the first src nodes)"
+            )
+        loop = torch.arange(self._num_dst, device=self.device)
+        return Graph(
+            torch.cat([self._src, loop]), torch.cat([self._dst, loop]), self._num_src, self._num_dst,
+            is_block=self._is_block, validate=False,
+        )
+
+    def remove_self_loops(self) -> "Graph":
+        """A new graph without the edges i -> i."""
+        keep = self._src != self._dst
+        return Graph(self._src[keep], self._dst[keep], self._num_src, self._num_dst, is_block=self._is_block, validate=False)
+
+    def reverse(self) -> "Graph":
+        """A new graph with every edge reversed (dst -> src)."""
+        return Graph(self._dst, self._src, self._num_dst, self._num_src, validate=False)
+
+    def to(self, device: torch.device | str) -> "Graph":
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return Graph(
+            self._src.to(device), self._dst.to(device), self._num_src, self._num_dst,
+            is_block=self._is_block, structure=self._structure, validate=False,
+        )
+
+    def __repr__(self) -> str:
+        kind = "block" if self._is_block else ("bipartite" if self._num_src != self._num_dst else "homogeneous")
+        extra = f", structure={self._structure!r}" if self._structure is not None else ""
+        return (
+            f"Graph(num_src={self._num_src}, num_dst={self._num_dst}, num_edges={self.num_edges}, "
+            f"{kind}, device={self.device}{extra})"
+        )

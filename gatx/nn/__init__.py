@@ -1,0 +1,5 @@
+"""Modules that own parameters and call :mod:`gatx.ops`."""
+from .gatconv import GATConv
+from .gatv2conv import GATv2Conv
+
+__all__ = ["GATConv", "GATv2Conv"]

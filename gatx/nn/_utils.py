@@ -1,0 +1,102 @@
+"""Shared input handling for the graph layers: graph coercion, feature checks, sparse features."""
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..graph import Graph
+
+# edge_index tensor -> (tensor version, num_src, num_dst, Graph); entries die with the tensor
+_edge_index_cache: "weakref.WeakKeyDictionary[Tensor, tuple[int, int, int, Graph]]" = weakref.WeakKeyDictionary()
+
+
+def is_dgl_graph(obj: Any) -> bool:
+    return type(obj).__module__.startswith("dgl.") and hasattr(obj, "canonical_etypes")
+
+
+def as_graph(graph: Any, num_src: int, num_dst: int) -> Graph:
+    """A :class:`Graph` from a gatx Graph, a DGL graph / block, or a PyG-style (2, E) edge_index.
+
+    For an edge_index the node counts come from the feature rows, as in PyG; the Graph built for a
+    given edge_index tensor is cached (until the tensor is modified or freed).
+    """
+    if isinstance(graph, Graph):
+        return graph
+    if is_dgl_graph(graph):
+        return Graph.from_dgl(graph)
+    if isinstance(graph, Tensor):
+        hit = _edge_index_cache.get(graph)
+        if hit is not None and hit[:3] == (graph._version, num_src, num_dst):
+            return hit[3]
+        g = Graph.from_edge_index(graph, (num_src, num_dst))
+        _edge_index_cache[graph] = (graph._version, num_src, num_dst, g)
+        return g
+    raise ValueError(
+        f"graph must be a gatx.Graph, a dgl.DGLGraph or a (2, E) edge_index tensor, got {type(graph).__name__}"
+    )
+
+
+def is_sparse(x: Tensor) -> bool:
+    return x.layout in (torch.sparse_coo, torch.sparse_csr)
+
+
+def check_feat(x: Any, width: int, rows: int | None, name: str) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape (N, in_feats={width}), got {tuple(x.shape)}")
+    if x.shape[1] != width:
+        raise ValueError(
+            f"{name} has {x.shape[1]} features per node but the layer was built with in_feats={width}; "
+            "construct the layer with the matching in_feats"
+        )
+    if rows is not None and x.shape[0] != rows:
+        raise ValueError(f"{name} has {x.shape[0]} rows but the graph has {rows} such nodes")
+    if not is_sparse(x) and not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Dropout that keeps a sparse (COO / CSR) tensor sparse by dropping its stored values."""
+    if not is_sparse(x) or p == 0.0 or not training:
+        return F.dropout(x, p, training) if not is_sparse(x) else x
+    if x.layout == torch.sparse_csr:
+        vals = F.dropout(x.values(), p, True)
+        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), vals, x.shape)
+    x = x.coalesce()
+    return torch.sparse_coo_tensor(x.indices(), F.dropout(x.values(), p, True), x.shape, is_coalesced=True)
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """``layer(x)`` for an ``nn.Linear`` (or Identity), projecting sparse input without densifying it."""
+    if not is_sparse(x):
+        return layer(x)
+    if not isinstance(layer, nn.Linear):
+        return layer(x.to_dense())
+    out = torch.sparse.mm(x, layer.weight.t())  # (N, out) dense; gradients flow to the weight
+    return out + layer.bias if layer.bias is not None else out
+
+
+def rows_prefix(x: Tensor, n: int) -> Tensor:
+    """The first n rows (a block's dst nodes), for dense and sparse features alike."""
+    if x.shape[0] == n:
+        return x
+    if not is_sparse(x):
+        return x[:n]
+    return x.to_sparse_coo().index_select(0, torch.arange(n, device=x.device))
+
+
+def check_zero_in_degree(graph: Graph, allow: bool) -> None:
+    if allow or graph.num_dst == 0:
+        return
+    missing = int((graph.in_degrees() == 0).sum())
+    if missing:
+        raise ValueError(
+            f"{missing} dst nodes have no incoming edge, so their output would be invalid; add "
+            "self-loops with graph.add_self_loops() (dgl.add_self_loop(g) for a DGL graph) or pass "
+            "allow_zero_in_degree=True to give them zeros"
+        )

@@ -1,0 +1,174 @@
+"""``GATv2Conv``: dynamic graph attention, drop-in compatible with ``dgl.nn.GATv2Conv``."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+from ._utils import as_graph, check_feat, check_zero_in_degree, dropout, linear, rows_prefix
+
+
+class GATv2Conv(nn.Module):
+    r"""GATv2 layer from `How Attentive are Graph Attention Networks? <https://arxiv.org/abs/2105.14491>`_.
+
+    Same constructor, parameter names and outputs as DGL's ``GATv2Conv``.
+
+    .. math::
+        e_{ij} = a^\top \mathrm{LeakyReLU}\big(W_s h_j + W_d h_i \;[+ W_e x_{ji}]\big),
+        \qquad \alpha_{ij} = \mathrm{softmax}_{j \in \mathcal{N}(i)}(e_{ij}),
+        \qquad h_i' = \sum_{j \in \mathcal{N}(i)} \alpha_{ij} W_s h_j \;[+ \mathrm{res}(h_i)]
+
+    Args:
+        in_feats: input width, or ``(src_width, dst_width)``.
+        out_feats: D, output features per head.
+        num_heads: H.
+        feat_drop: input dropout (default 0). attn_drop: attention dropout (default 0).
+        negative_slope: LeakyReLU slope (default 0.2).
+        residual: residual connection (default False).
+        activation: applied to the output (default None).
+        allow_zero_in_degree: zeros instead of an error for nodes without in-edges (default False).
+        bias: biases in ``fc_src``, ``fc_dst`` and ``res_fc`` (default True).
+        share_weights: ``fc_dst`` is ``fc_src`` (default False).
+        edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
+        backend: ``None``, ``"torch"`` or ``"dgl"``.
+
+    Shapes:
+        - input: ``feat`` (N, in_feats) or a pair ``((N_src, ·), (N_dst, ·))``; ``edge_feat`` (E, edge_feats)
+        - output: (N_dst, H, D), and attention (E, H, 1) if ``get_attention``
+
+    >>> import torch, gatx
+    >>> g = gatx.Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0]))
+    >>> gatx.GATv2Conv(5, 4, num_heads=2)(g, torch.randn(3, 5)).shape
+    torch.Size([3, 2, 4])
+    """
+
+    def __init__(
+        self,
+        in_feats: int | tuple[int, int],
+        out_feats: int,
+        num_heads: int,
+        feat_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        negative_slope: float = 0.2,
+        residual: bool = False,
+        activation: Callable[[Tensor], Tensor] | None = None,
+        allow_zero_in_degree: bool = False,
+        bias: bool = True,
+        share_weights: bool = False,
+        edge_feats: int | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self._num_heads = num_heads
+        self._in_src_feats, self._in_dst_feats = in_feats if isinstance(in_feats, tuple) else (in_feats, in_feats)
+        self._out_feats = out_feats
+        self._allow_zero_in_degree = allow_zero_in_degree
+        self._edge_feats = edge_feats
+        self.backend = backend
+        hd = out_feats * num_heads
+        self.fc_src = nn.Linear(self._in_src_feats, hd, bias=bias)
+        if share_weights and not isinstance(in_feats, tuple):
+            self.fc_dst = self.fc_src
+        else:
+            self.fc_dst = nn.Linear(self._in_dst_feats, hd, bias=bias)
+        self.attn = nn.Parameter(torch.empty(1, num_heads, out_feats))
+        if edge_feats is not None:
+            self.fc_edge = nn.Linear(edge_feats, hd, bias=False)
+        else:
+            self.register_parameter("fc_edge", None)
+        self.feat_drop = nn.Dropout(feat_drop)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.leaky_relu = nn.LeakyReLU(negative_slope)
+        if residual:
+            self.res_fc = nn.Linear(self._in_dst_feats, hd, bias=bias) if self._in_dst_feats != hd else nn.Identity()
+        else:
+            self.register_buffer("res_fc", None)
+        self.activation = activation
+        self.share_weights = share_weights
+        self.bias = bias
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal weights (gain of ReLU) and zero biases, as DGL initialises them."""
+        gain = nn.init.calculate_gain("relu")
+        for lin in (self.fc_src, self.fc_dst, self.fc_edge, self.res_fc):
+            if isinstance(lin, nn.Linear):
+                nn.init.xavier_normal_(lin.weight, gain=gain)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+        nn.init.xavier_normal_(self.attn, gain=gain)
+
+    def set_allow_zero_in_degree(self, set_value: bool) -> None:
+        self._allow_zero_in_degree = set_value
+
+    def forward(
+        self,
+        graph: Any,
+        feat: Tensor | tuple[Tensor, Tensor],
+        get_attention: bool = False,
+        edge_feat: Tensor | None = None,
+        backend: str | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        H, D = self._num_heads, self._out_feats
+        backend = backend if backend is not None else self.backend
+        if isinstance(feat, tuple):
+            if len(feat) != 2:
+                raise ValueError(f"feat must be a tensor or a (src_feat, dst_feat) pair, got {len(feat)} items")
+            check_feat(feat[0], self._in_src_feats, None, "src feat")
+            check_feat(feat[1], self._in_dst_feats, None, "dst feat")
+            g = as_graph(graph, feat[0].shape[0], feat[1].shape[0])
+            check_feat(feat[0], self._in_src_feats, g.num_src, "src feat")
+            check_feat(feat[1], self._in_dst_feats, g.num_dst, "dst feat")
+            h_src = dropout(feat[0], self.feat_drop.p, self.training)
+            h_dst = dropout(feat[1], self.feat_drop.p, self.training)
+            feat_src = linear(self.fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
+            feat_dst = linear(self.fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
+        else:
+            check_feat(feat, self._in_src_feats, None, "feat")
+            g = as_graph(graph, feat.shape[0], feat.shape[0])
+            check_feat(feat, self._in_src_feats, g.num_src, "feat")
+            if g.num_dst != g.num_src and not g.is_block:
+                raise ValueError(
+                    f"this graph is bipartite ({g.num_src} src, {g.num_dst} dst nodes): pass feat as a "
+                    "(src_feat, dst_feat) pair, or build the graph with is_block=True"
+                )
+            h_src = dropout(feat, self.feat_drop.p, self.training)
+            feat_src = linear(self.fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
+            h_dst = rows_prefix(h_src, g.num_dst)
+            feat_dst = feat_src[: g.num_dst] if self.share_weights else linear(self.fc_dst, h_dst).view(-1, H, D)
+        check_zero_in_degree(g, self._allow_zero_in_degree)
+
+        ee = None
+        if edge_feat is not None:
+            if self.fc_edge is None:
+                raise ValueError("edge_feat was given but the layer was built without edge_feats=...")
+            if edge_feat.dim() != 2 or edge_feat.shape != (g.num_edges, self._edge_feats):
+                raise ValueError(
+                    f"edge_feat must have shape (E={g.num_edges}, edge_feats={self._edge_feats}), got {tuple(edge_feat.shape)}"
+                )
+            ee = self.fc_edge(edge_feat).view(-1, H, D)  # (E, H, D)
+        pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, H, D)
+        s = (F.leaky_relu(pre, self.leaky_relu.negative_slope) * self.attn).sum(-1)  # (E, H)
+        a = ops.edge_softmax(g, s, backend=backend)
+        a = F.dropout(a, self.attn_drop.p, self.training)
+        rst = ops.aggregate(g, a, feat_src, backend=backend)  # (N_dst, H, D)
+        if self.res_fc is not None:
+            rst = rst + linear(self.res_fc, h_dst).view(h_dst.shape[0], -1, D)
+        if self.activation is not None:
+            rst = self.activation(rst)
+        return (rst, a.unsqueeze(-1)) if get_attention else rst
+
+    def extra_repr(self) -> str:
+        s = f"in_feats={(self._in_src_feats, self._in_dst_feats)}, out_feats={self._out_feats}, num_heads={self._num_heads}"
+        if self.share_weights:
+            s += ", share_weights=True"
+        if self._edge_feats is not None:
+            s += f", edge_feats={self._edge_feats}"
+        if self._allow_zero_in_degree:
+            s += ", allow_zero_in_degree=True"
+        if self.backend is not None:
+            s += f", backend={self.backend!r}"
+        return s
