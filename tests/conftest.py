@@ -36,8 +36,8 @@ def dgl_or_none():
             return None
 
 
-def usable_backends() -> list[str]:
-    """Backends that can run plain float CPU input here (the torch backend always)."""
+def usable_backends(op: str = "sparse_attention", **opts) -> list[str]:
+    """Backends that can run ``op`` on plain float32 CPU input here (the torch backend always)."""
     from gatx import Graph
     from gatx.ops import BACKENDS, select
 
@@ -45,7 +45,7 @@ def usable_backends() -> list[str]:
     out = []
     for name in BACKENDS:
         try:
-            select(name, g, torch.zeros(1, 1, 1), op="edge_softmax")
+            select(name, g, torch.zeros(1, 1, 1), op=op, **opts)
             out.append(name)
         except Exception:  # noqa: BLE001 - unusable here
             pass
