@@ -93,9 +93,12 @@ def import_dgl() -> Any:
             raise ImportError(_state.error) from err
         first = f"{type(err).__name__}: {err}"
         _purge_dgl_modules()
-        sys.modules["dgl.graphbolt"] = _graphbolt_stub()
+        stub = _graphbolt_stub()
+        sys.modules["dgl.graphbolt"] = stub
         try:
-            import dgl  # noqa: F401
+            import dgl
+
+            dgl.graphbolt = stub  # so `dgl.graphbolt.X` reaches the stub's clear error
         except Exception as err2:  # noqa: BLE001
             _purge_dgl_modules()
             _state.error = f"import dgl failed even without dgl.graphbolt: {type(err2).__name__}: {err2}"

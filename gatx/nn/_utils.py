@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -10,8 +11,10 @@ from torch import Tensor, nn
 
 from ..graph import Graph
 
-# edge_index tensor -> (tensor version, num_src, num_dst, Graph); entries die with the tensor
-_edge_index_cache: "weakref.WeakKeyDictionary[Tensor, tuple[int, int, int, Graph]]" = weakref.WeakKeyDictionary()
+# id(edge_index) -> (weak ref to it, its version, num_src, num_dst, Graph): the last few edge_index
+# tensors seen, so a layer fed the same edge_index every step validates it once
+_edge_index_cache: "OrderedDict[int, tuple[weakref.ref, int, int, int, Graph]]" = OrderedDict()
+_CACHE_SIZE = 8
 
 
 def is_dgl_graph(obj: Any) -> bool:
@@ -29,11 +32,13 @@ def as_graph(graph: Any, num_src: int, num_dst: int) -> Graph:
     if is_dgl_graph(graph):
         return Graph.from_dgl(graph)
     if isinstance(graph, Tensor):
-        hit = _edge_index_cache.get(graph)
-        if hit is not None and hit[:3] == (graph._version, num_src, num_dst):
-            return hit[3]
+        hit = _edge_index_cache.get(id(graph))
+        if hit is not None and hit[0]() is graph and hit[1:4] == (graph._version, num_src, num_dst):
+            return hit[4]
         g = Graph.from_edge_index(graph, (num_src, num_dst))
-        _edge_index_cache[graph] = (graph._version, num_src, num_dst, g)
+        _edge_index_cache[id(graph)] = (weakref.ref(graph), graph._version, num_src, num_dst, g)
+        while len(_edge_index_cache) > _CACHE_SIZE:
+            _edge_index_cache.popitem(last=False)
         return g
     raise ValueError(
         f"graph must be a gatx.Graph, a dgl.DGLGraph or a (2, E) edge_index tensor, got {type(graph).__name__}"
@@ -66,9 +71,9 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
         return F.dropout(x, p, training) if not is_sparse(x) else x
     if x.layout == torch.sparse_csr:
         vals = F.dropout(x.values(), p, True)
-        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), vals, x.shape)
+        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), vals, x.shape, check_invariants=False)
     x = x.coalesce()
-    return torch.sparse_coo_tensor(x.indices(), F.dropout(x.values(), p, True), x.shape, is_coalesced=True)
+    return torch.sparse_coo_tensor(x.indices(), F.dropout(x.values(), p, True), x.shape, is_coalesced=True, check_invariants=False)
 
 
 def linear(layer: nn.Module, x: Tensor) -> Tensor:
