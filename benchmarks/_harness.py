@@ -1,0 +1,281 @@
+"""Shared benchmark machinery: environment record, timing, peak memory, output checks, rows.
+
+Imported by ``bench_gat.py`` and ``bench_vision.py`` (which put this folder on ``sys.path`` by being
+run as scripts). Nothing here is part of the ``gatx`` package.
+
+Peak memory, what the number means:
+
+- CUDA: ``torch.cuda.max_memory_allocated()`` during the measured phase minus the memory allocated
+  when it began (inputs, parameters and the reference outputs are not counted).
+- CPU: the process's peak resident set size (``VmHWM``) during the phase minus its resident size
+  (``VmRSS``) when it began. The peak is reset before each phase by writing ``5`` to
+  ``/proc/self/clear_refs`` (Linux). The scripts re-execute themselves with
+  ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so every large buffer is ``mmap``-ed and handed back to the
+  OS when freed; otherwise memory freed by one system could be reused by the next without showing up
+  in its resident size. This counts every allocator (PyTorch's, DGL's C++ workspace, NumPy's) alike.
+  Without ``/proc`` it falls back to ``ru_maxrss`` growth (a lower bound), and says so in the row.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def reexec_with_malloc_env() -> None:
+    """Restart this script with :data:`MALLOC_ENV` set (needed before the C library loads)."""
+    if sys.platform != "linux" or all(os.environ.get(k) == v for k, v in MALLOC_ENV.items()):
+        return
+    env = dict(os.environ, **MALLOC_ENV)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def quiet_import_dgl() -> Any:
+    """DGL through gatx's importer (a plain ``import dgl`` fails on this torch), warnings silenced."""
+    from gatx.backends.dgl import import_dgl
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return import_dgl()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:  # noqa: BLE001 - not installed
+        return None
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions, device and thread count: stored once per run and in every row's ``device``."""
+    import torch
+
+    import gatx
+
+    dev = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev = f"cuda ({torch.cuda.get_device_name(0)})"
+    return {
+        "device": dev,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "gatx": gatx.__version__,
+        "dgl": _version("dgl"),
+        "torch_geometric": _version("torch_geometric"),
+        "gatx_backends": list(gatx.ops.BACKENDS),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+# ---------------------------------------------------------------------------------- memory
+def _proc_status() -> dict[str, int] | None:
+    try:
+        out = {}
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(("VmRSS:", "VmHWM:")):
+                    key, val = line.split(":")
+                    out[key] = int(val.split()[0]) * 1024  # kB -> bytes
+        return out if len(out) == 2 else None
+    except OSError:
+        return None
+
+
+class PeakMemory:
+    """Context manager: ``.mib`` is the peak extra memory used inside it (see the module docstring)."""
+
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.mib: float | None = None
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        import torch
+
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            self.method = "cuda max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current VmRSS
+            status = _proc_status()
+        except OSError:
+            status = None
+        if status is not None:
+            self._base = status["VmRSS"]
+            self.method = "VmHWM-VmRSS"
+        else:
+            import resource
+
+            self._base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            self.method = "ru_maxrss growth (lower bound)"
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+        elif self.method == "VmHWM-VmRSS":
+            peak = _proc_status()["VmHWM"]
+        else:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.mib = max(0.0, (peak - self._base) / 2**20)
+
+
+# ---------------------------------------------------------------------------------- timing
+def synchronizer(device: str) -> Callable[[], None]:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def measure(fn: Callable[[], Any], device: str, warmup: int, reps: int, budget_s: float) -> dict[str, Any]:
+    """Median wall time of ``fn`` after ``warmup`` calls.
+
+    Runs ``reps`` timed calls, or fewer (never under min(3, reps)) once ``budget_s`` seconds are spent.
+    The device is synchronised before every clock read.
+    """
+    sync = synchronizer(device)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < reps:
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if len(times) >= min(3, reps) and spent > budget_s:
+            break
+    return {
+        "median_ms": 1e3 * statistics.median(times),
+        "min_ms": 1e3 * min(times),
+        "reps": len(times),
+        "warmup": warmup,
+    }
+
+
+# ---------------------------------------------------------------------------------- checks
+def max_diff(got: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float]:
+    """(max abs difference, max abs difference / max abs reference) over the shared keys."""
+    worst_abs, worst_rel = 0.0, 0.0
+    for key, r in ref.items():
+        g = got[key].detach().to(r.dtype).reshape(r.shape)
+        d = float((g - r).abs().max()) if r.numel() else 0.0
+        scale = float(r.abs().max()) if r.numel() else 1.0
+        worst_abs = max(worst_abs, d)
+        worst_rel = max(worst_rel, d / scale if scale > 0 else d)
+    return worst_abs, worst_rel
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def fmt_row(row: dict[str, Any]) -> str:
+    if row["status"] != "ok":
+        return f"  {row['system']:<22s} {row['mode']:<8s} {row['status']}: {row.get('reason', '')}"
+    mem = row.get("peak_mem_mib")
+    return (
+        f"  {row['system']:<22s} {row['mode']:<8s} {row['median_ms']:10.2f} ms  (min {row['min_ms']:.2f}, "
+        f"{row['reps']} reps)  peak {mem:8.1f} MiB  max|diff| {row['max_abs_diff']:.2e}"
+    )
+
+
+def write_json(path: str | None, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    payload = json.dumps({"env": env, "rows": rows}, indent=1)
+    if path is None or path == "-":
+        print(payload)
+        return
+    with open(path, "w") as f:
+        f.write(payload)
+
+
+# ---------------------------------------------------------------------------------- one system
+class Skip(Exception):
+    """A system or case that cannot run here; the message says why."""
+
+
+def fwd_bwd(forward: Callable[[], Any], gout: Any, params: list[Any]) -> Any:
+    """One forward and the backward of ``gout`` into ``params`` (their grads reset first)."""
+    for p in params:
+        p.grad = None
+    out = forward()
+    out.backward(gout)
+    return out
+
+
+def check_and_time(row: dict[str, Any], build: Callable[[], tuple[Callable[[], Any], dict[str, Any]]],
+                   ref: dict[str, Any], gout: Any, args: Any) -> list[dict[str, Any]]:
+    """Rows ``fwd`` and ``fwd+bwd`` for one system: checked against ``ref`` first, then timed.
+
+    ``build()`` returns ``(forward, named)``: ``forward()`` gives the output in the reference's layout,
+    ``named`` maps the reference's names to the tensors whose gradients are compared (parameters, and
+    inputs that require grad). ``ref`` holds ``"out"`` and those gradients. A system that raises
+    ``Skip`` (or any error, e.g. ``gatx.ops.BackendUnavailable``) gives "skipped" rows with the reason;
+    one whose relative difference exceeds ``args.tol`` gives "mismatch" rows and is not timed.
+    """
+    import torch
+
+    modes = ("fwd", "fwd+bwd")
+    try:
+        forward, named = build()
+        params = list(named.values())
+        got = fwd_bwd(forward, gout, params)
+        diff_abs, diff_rel = max_diff({"out": got} | {k: p.grad for k, p in named.items()}, ref)
+        del got
+    except Exception as err:  # noqa: BLE001 - every failure to run is reported as a reason
+        reason = str(err) if isinstance(err, Skip) else f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        rows = [dict(row, mode=m, status="skipped", reason=reason) for m in modes]
+        log(fmt_row(rows[-1]))
+        return rows
+    check = {"max_abs_diff": diff_abs, "max_rel_diff": diff_rel}
+    log(f"  {row['system']:<22s} check vs {row['reference']}: max|diff| {diff_abs:.2e} (relative {diff_rel:.2e})")
+    if not diff_rel <= args.tol:
+        rows = [dict(row, mode=m, status="mismatch", reason=f"relative difference {diff_rel:.2e} > tol {args.tol}", **check)
+                for m in modes]
+        log(fmt_row(rows[-1]))
+        return rows
+    rows = []
+    for mode in modes:
+        if mode == "fwd":
+            def call() -> None:
+                with torch.no_grad():
+                    forward()
+        else:
+            def call() -> None:
+                fwd_bwd(forward, gout, params)
+        with PeakMemory(args.device) as mem:
+            timing = measure(call, args.device, args.warmup, args.reps, args.budget)
+        rows.append(dict(row, mode=mode, status="ok", **timing, peak_mem_mib=mem.mib, mem_method=mem.method, **check))
+        log(fmt_row(rows[-1]))
+    del forward, named, params, call
+    gc.collect()
+    return rows

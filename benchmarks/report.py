@@ -1,0 +1,240 @@
+"""Markdown tables, a short reading with same-run ratios, and PNG plots from benchmark rows.
+
+    python benchmarks/report.py benchmarks/results/results.json   # re-render .md and .png from JSON
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+GAT_SPARSE_OTHERS = ("dgl.GATConv", "pyg.GATConv")
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def _ordered(values: Iterable[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+class Rows:
+    """Index of rows: ok timings by (case, system, mode), plus case and system order."""
+
+    def __init__(self, rows: list[dict[str, Any]], bench: str) -> None:
+        self.rows = [r for r in rows if r.get("bench") == bench]
+        self.ok = {(r["case"], r["system"], r["mode"]): r for r in self.rows if r["status"] == "ok"}
+        self.cases = _ordered(r["case"] for r in self.rows if r["status"] == "ok")
+        self.systems = _ordered(r["system"] for r in self.rows if r["status"] == "ok")  # timed at least once
+        self.first = {}
+        for r in self.rows:
+            self.first.setdefault(r["case"], r)
+
+    def t(self, case: str, system: str, mode: str) -> float | None:
+        r = self.ok.get((case, system, mode))
+        return None if r is None else r["median_ms"]
+
+    def mem(self, case: str, system: str, mode: str) -> float | None:
+        r = self.ok.get((case, system, mode))
+        return None if r is None else r.get("peak_mem_mib")
+
+    def best_gatx(self, case: str, mode: str) -> tuple[str | None, float | None]:
+        cands = [(self.t(case, s, mode), s) for s in self.systems if s.startswith("gatx")]
+        cands = [c for c in cands if c[0] is not None]
+        return (min(cands)[1], min(cands)[0]) if cands else (None, None)
+
+
+def _table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in body
+    ]
+
+
+def _case_cols(idx: Rows, case: str, bench: str) -> list[str]:
+    r = idx.first[case]
+    if bench == "gat":
+        return [r["case"], f"{r['nodes']:,}", f"{r['edges']:,}"]
+    return [f"{r['map']}x{r['map']}", str(r["kernel"]), f"{r['dim']}/{r['heads']}"]
+
+
+def _section(idx: Rows, bench: str, systems: list[str], cases: list[str]) -> list[str]:
+    head = ["graph", "N", "E"] if bench == "gat" else ["map", "k", "C/heads"]
+    out = []
+    for mode, what in (("fwd+bwd", "forward + backward, median ms"), ("fwd", "forward (no_grad), median ms")):
+        out += [f"**{what}**", ""]
+        out += _table(head + systems, [_case_cols(idx, c, bench) + [_ms(idx.t(c, s, mode)) for s in systems] for c in cases])
+        out.append("")
+    out += ["**forward + backward, peak memory above inputs, MiB**", ""]
+    out += _table(head + systems, [_case_cols(idx, c, bench) + [_ms(idx.mem(c, s, "fwd+bwd")) for s in systems] for c in cases])
+    return out + [""]
+
+
+def gat_reading(idx: Rows) -> list[str]:
+    lines = []
+    dense_cases = [c for c in idx.cases if idx.t(c, "dense-masked", "fwd+bwd") is not None]
+    if dense_cases:
+        parts, wins = [], []
+        for c in dense_cases:
+            _, g = idx.best_gatx(c, "fwd+bwd")
+            d = idx.t(c, "dense-masked", "fwd+bwd")
+            if g is not None:
+                parts.append(f"{idx.first[c]['case']} {_ratio(d, g)}")
+                if d < g:
+                    wins.append(idx.first[c]["case"])
+        lines.append("- Sparse vs dense (fwd+bwd, dense time / best gatx time): " + ", ".join(parts) + ".")
+        lines.append("  Dense is faster than gatx on " + (", ".join(wins) if wins else "none of the measured graphs") +
+                     "; beyond --dense-max-nodes dense is not run at all (H x N x N scores).")
+    for other in GAT_SPARSE_OTHERS:
+        parts = []
+        for c in idx.cases:
+            name, g = idx.best_gatx(c, "fwd+bwd")
+            o = idx.t(c, other, "fwd+bwd")
+            if g is not None and o is not None:
+                parts.append(f"{idx.first[c]['case']} {_ratio(o, g)}")
+        if parts:
+            lines.append(f"- {other} time / best gatx time (fwd+bwd; >1 means gatx is faster): " + ", ".join(parts) + ".")
+    return lines
+
+
+def vision_reading(idx: Rows) -> list[str]:
+    lines = []
+    others = [s for s in idx.systems if not s.startswith("gatx")]
+    for other in others:
+        parts = []
+        for c in idx.cases:
+            name, g = idx.best_gatx(c, "fwd+bwd")
+            o = idx.t(c, other, "fwd+bwd")
+            if g is not None and o is not None:
+                r = idx.first[c]
+                parts.append(f"{r['map']}x{r['map']} k{r['kernel']} C{r['dim']} {_ratio(o, g)}")
+        if parts:
+            lines.append(f"- {other} time / best gatx time (fwd+bwd; >1 means gatx is faster): " + ", ".join(parts) + ".")
+    return lines
+
+
+def _checks_and_skips(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## Checks (before timing, against the reference named in each row)", ""]
+    worst: dict[tuple[str, str], list[float]] = {}
+    for r in rows:
+        if "max_rel_diff" in r and r["mode"] == "fwd+bwd":
+            key = (r["bench"], r["system"])
+            w = worst.setdefault(key, [0.0, 0.0, r.get("reference", "")])
+            w[0], w[1] = max(w[0], r["max_abs_diff"]), max(w[1], r["max_rel_diff"])
+    out += _table(["bench", "system", "reference", "max abs diff", "max rel diff"],
+                  [[b, s, str(w[2]), f"{w[0]:.1e}", f"{w[1]:.1e}"] for (b, s), w in worst.items()])
+    skipped: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for r in rows:
+        if r["status"] != "ok" and r["mode"] in ("fwd+bwd", "*"):
+            skipped[(r["system"], r["status"] + ": " + r.get("reason", ""))].append(r["case"])
+    if skipped:
+        out += ["", "## Not timed", ""]
+        for (system, reason), cases in skipped.items():
+            out.append(f"- {system} on {', '.join(cases)}: {reason}")
+    return out + [""]
+
+
+def env_line(payload: dict[str, Any], short: bool = False) -> str:
+    e = payload["env"]
+    line = (f"{e.get('device', '?')} ({e.get('cpu_count')} cores visible, {e.get('threads')} torch threads), "
+            f"torch {e.get('torch')}, DGL {e.get('dgl')}, PyG {e.get('torch_geometric')}, gatx {e.get('gatx')}")
+    return line if short else line + f" (backends {', '.join(e.get('gatx_backends', []))}), {e.get('time')}"
+
+
+def write_markdown(payload: dict[str, Any], path: Path) -> None:
+    rows = payload["rows"]
+    out = ["# gatx benchmarks", "", f"Environment: {env_line(payload)}.", "",
+           f"Command: `{payload['command']}` ({payload.get('mode')} mode, {payload.get('seconds')} s). "
+           "Median wall time after warm-up; the device is synchronised before each clock read. "
+           "Peak memory is the extra resident memory (CPU) or allocated memory (CUDA) while the "
+           "system ran, above what its inputs already used. Wall-clock timings on a shared machine are noisy.", ""]
+    gat = Rows(rows, "gat")
+    if gat.rows:
+        out += ["## One GAT layer, 8 heads x 8 features", ""]
+        out += _section(gat, "gat", [s for s in gat.systems], gat.cases)
+        out += ["Reading:", ""] + gat_reading(gat) + [""]
+    vis = Rows(rows, "vision")
+    if vis.rows:
+        out += ["## Local attention on image maps (B=2)", ""]
+        for group in ("neighborhood", "window"):
+            cases = [c for c in vis.cases if vis.first[c].get("group") == group]
+            systems = [s for s in vis.systems if any(r["system"] == s and r.get("group") == group for r in vis.rows)]
+            if cases:
+                out += [f"### {group} attention", ""] + _section(vis, "vision", systems, cases)
+        out += ["Reading:", ""] + vision_reading(vis) + [""]
+    out += _checks_and_skips(rows)
+    path.write_text("\n".join(out))
+
+
+# ---------------------------------------------------------------------------------- plots
+def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title_env = env_line(payload, short=True)
+    rows = payload["rows"]
+    gat = Rows(rows, "gat")
+    if gat.ok:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+            for i, s in enumerate(gat.systems):
+                pts = sorted((gat.first[c]["nodes"], gat.t(c, s, mode)) for c in gat.cases
+                             if gat.first[c].get("graph") == "random" and gat.t(c, s, mode) is not None)
+                color = f"C{i}"
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=4, color=color, label=s, ls="--" if s == "dense-masked" else "-")
+                cora = [(gat.first[c]["nodes"], gat.t(c, s, mode)) for c in gat.cases if gat.first[c].get("graph") == "cora"]
+                cora = [p for p in cora if p[1] is not None]
+                if cora:
+                    ax.plot(*zip(*cora), marker="*", ms=11, ls="none", color=color)
+            ax.set(xscale="log", yscale="log", xlabel="nodes N (random graphs, in-degree 20; star = Cora)",
+                   ylabel="median ms", title=f"GAT layer 8x8, {mode}")
+            ax.grid(True, which="both", alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(title_env, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "gat.png", dpi=90)
+        plt.close(fig)
+    vis = Rows(rows, "vision")
+    if vis.ok:
+        kernels = sorted({vis.first[c]["kernel"] for c in vis.cases})
+        fig, axes = plt.subplots(2, len(kernels), figsize=(4.2 * len(kernels), 7), squeeze=False)
+        for row, mode in enumerate(("fwd", "fwd+bwd")):
+            for col, k in enumerate(kernels):
+                ax = axes[row][col]
+                for i, s in enumerate(vis.systems):
+                    pts = sorted((vis.first[c]["pixels"], vis.t(c, s, mode)) for c in vis.cases
+                                 if vis.first[c]["kernel"] == k and vis.first[c]["stage"] == 1 and vis.t(c, s, mode) is not None)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", ms=4, color=f"C{i}", label=s, ls="--" if "dense" in s else "-")
+                ax.set(xscale="log", yscale="log", xlabel="pixels X*Y (C=96, 3 heads, B=2)", ylabel="median ms",
+                       title=f"kernel/window {k}, {mode}")
+                ax.grid(True, which="both", alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=7)
+        fig.suptitle(title_env, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "vision.png", dpi=80)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    src = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "results.json")
+    data = json.loads(src.read_text())
+    write_markdown(data, src.with_name("results.md"))
+    write_plots(data, src.parent)
+    print(f"wrote {src.with_name('results.md')} and plots in {src.parent}")
