@@ -6,7 +6,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["Graph", "CSR"]
+__all__ = ["Graph", "CSR", "CSC"]
 
 
 class CSR(NamedTuple):
@@ -19,6 +19,18 @@ class CSR(NamedTuple):
     indptr: Tensor
     perm: Tensor
     src: Tensor
+
+
+class CSC(NamedTuple):
+    """The graph's edges grouped by source node (the transpose of :class:`CSR`).
+
+    ``indptr`` (num_src + 1,) row offsets; ``perm`` (E,) edge ids in row order (stable); ``dst`` (E,)
+    the destination of each edge in row order.
+    """
+
+    indptr: Tensor
+    perm: Tensor
+    dst: Tensor
 
 
 def _as_index(t: Any, name: str) -> Tensor:
@@ -77,7 +89,7 @@ class Graph:
     (3, 3, 3)
     """
 
-    __slots__ = ("_src", "_dst", "_num_src", "_num_dst", "_is_block", "_structure", "_csr", "_dgl", "_in_deg")
+    __slots__ = ("_src", "_dst", "_num_src", "_num_dst", "_is_block", "_structure", "_csr", "_csc", "_dgl", "_in_deg")
 
     def __init__(
         self,
@@ -138,6 +150,7 @@ class Graph:
         self._is_block = bool(is_block)
         self._structure = structure
         self._csr: CSR | None = None
+        self._csc: CSC | None = None
         self._dgl: Any = None
         self._in_deg: Tensor | None = None
 
@@ -279,6 +292,15 @@ class Graph:
             torch.cumsum(self.in_degrees(), 0, out=indptr[1:])
             self._csr = CSR(indptr, perm, self._src[perm])
         return self._csr
+
+    def csc(self) -> CSC:
+        """Edges grouped by src (cached): see :class:`CSC`."""
+        if self._csc is None:
+            perm = torch.argsort(self._src, stable=True)
+            indptr = torch.zeros(self._num_src + 1, dtype=torch.int64, device=self.device)
+            torch.cumsum(torch.bincount(self._src, minlength=self._num_src), 0, out=indptr[1:])
+            self._csc = CSC(indptr, perm, self._dst[perm])
+        return self._csc
 
     # ------------------------------------------------------------------ transforms (new graphs)
     def add_self_loops(self) -> "Graph":

@@ -178,11 +178,12 @@ class GATConv(nn.Module):
                     f"edge_feat must have shape (E={g.num_edges}, edge_feats={self._edge_feats}), got {tuple(edge_feat.shape)}"
                 )
             ee = (self.fc_edge(edge_feat).view(-1, H, D) * self.attn_e).sum(-1)  # (E, H)
-        rst, a = ops.sparse_attention(
+        res = ops.sparse_attention(
             g, er, el, feat_src, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
             edge_weight=edge_weight, dropout_p=self.attn_drop.p, training=self.training,
-            return_attention=True, backend=backend,
-        )  # (N_dst, H, D), (E, H)
+            return_attention=get_attention, backend=backend,
+        )  # (N_dst, H, D), and (E, H) if get_attention
+        rst, a = res if get_attention else (res, None)
         if self.res_fc is not None:
             rst = rst + linear(self.res_fc, h_dst).view(h_dst.shape[0], -1, D)
         if self.has_explicit_bias:

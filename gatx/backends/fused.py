@@ -1,0 +1,270 @@
+"""Fused CPU backend: one pass per destination row computes the scores, the softmax and the sum.
+
+``sparse_attention`` runs as a single C++/OpenMP kernel over the graph's CSR (edges grouped by dst):
+for each dst node it computes every in-edge's score, the row's max and normaliser, and the weighted
+sum of the source values, without materialising any (E, H) tensor. Only the per-row log-sum-exp
+(num_dst, H) is kept for backward, which recomputes the scores (as FlashAttention does) in two
+passes: one over dst rows (gradients of q, bias, edge_weight and the row terms), one over src rows
+of the transposed graph (gradients of k and v, no atomics).
+
+The kernel (``gatx/csrc/fused_attention.cpp``, plain C++ with no torch headers) is compiled on first
+use with the system C++ compiler (``$CXX``, else ``c++`` / ``g++`` / ``clang++``) and cached in
+``$GATX_CACHE_DIR`` (default ``~/.cache/gatx``); it is loaded with ctypes. Any failure to build or
+load becomes a reason, so gatx falls back to the other backends.
+
+Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
+``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
+the same edges.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..graph import Graph
+
+NAME = "fused"
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_attention.cpp"
+FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-march=native"]
+_DTYPES = (torch.float32, torch.float64)
+_ABI = 2  # gatx_fused_abi_version() of the matching source
+
+
+class _State:
+    lib: Any = None
+    error: str | None = None
+    tried: bool = False
+
+
+_state = _State()
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX")
+    if cxx:
+        return shutil.which(cxx) or cxx
+    for name in ("c++", "g++", "clang++"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GATX_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "gatx"
+
+
+def _cpu_signature() -> str:
+    """Identifies the CPU the library was tuned for (-march=native): model name and flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def library_path(cxx: str) -> Path:
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), cxx.encode(), platform.machine().encode(),
+                 _cpu_signature().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return cache_dir() / f"fused_attention-{key.hexdigest()[:16]}.so"
+
+
+def build() -> Path:
+    """Compile the kernel into the cache (if not there yet) and return the library's path."""
+    cxx = _compiler()
+    if cxx is None:
+        raise OSError("no C++ compiler found (set $CXX or install g++ / clang++)")
+    path = library_path(cxx)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise OSError(f"compiling {SOURCE.name} with {cxx} failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)  # atomic: concurrent builders each write their own temp file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _declare(fn: Any) -> None:
+    i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    fn.restype = c_int
+    fn.argtypes = [c_int, c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+
+
+def load() -> Any:
+    """The compiled library (building it on first use), or raise OSError with the reason."""
+    if _state.lib is not None:
+        return _state.lib
+    if _state.tried:
+        raise OSError(_state.error)
+    _state.tried = True
+    try:
+        lib = ctypes.CDLL(str(build()))
+        if lib.gatx_fused_abi_version() != _ABI:
+            raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
+        _declare(lib.gatx_fused_f32)
+        _declare(lib.gatx_fused_f64)
+    except Exception as err:  # noqa: BLE001 - every failure becomes a reason
+        _state.error = f"the fused CPU kernel is unavailable: {err}"
+        raise OSError(_state.error) from err
+    _state.lib = lib
+    return lib
+
+
+def availability() -> str | None:
+    """None when the kernel library builds and loads, else the reason it does not."""
+    try:
+        load()
+    except OSError as err:
+        return str(err)
+    return None
+
+
+def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) -> list[str]:
+    """Why the fused backend cannot run this input (empty list: it can)."""
+    out = []
+    if op and op != "sparse_attention":
+        out.append(f"the fused backend runs only sparse_attention, not {op}")
+    if graph.device.type != "cpu":
+        out.append(f"the fused backend runs on cpu only, got {graph.device}")
+    floats = [t for t in tensors if t is not None and t.is_floating_point()]
+    dtypes = {t.dtype for t in floats}
+    if any(t is not None and not t.is_floating_point() for t in tensors):
+        out.append("the fused backend needs floating-point inputs (edge_weight included)")
+    if dtypes - set(_DTYPES):
+        out.append(f"the fused backend supports float32 and float64, got {sorted(map(str, dtypes - set(_DTYPES)))}")
+    elif len(dtypes) > 1:
+        out.append(f"the fused backend needs one dtype for all inputs, got {sorted(map(str, dtypes))}")
+    if any(t is not None and (t.is_sparse or t.layout != torch.strided) for t in tensors):
+        out.append("the fused backend needs dense (strided) tensors")
+    score = opts.get("score")
+    if score is not None and len(tensors) >= 3:
+        q, k, v = tensors[:3]
+        want = 3 if score == "dot" else 2
+        if q.dim() != want or k.dim() != want:
+            out.append(f"the fused backend needs q and k of {want} dims for score={score!r}, got {q.dim()} and {k.dim()}")
+        if v.dim() != 3:
+            out.append(f"the fused backend needs v of shape (num_src, H, D), got {tuple(v.shape)}")
+    bias = opts.get("bias")
+    if bias is not None and bias.dim() != 2:
+        out.append(f"the fused backend needs bias of shape (E, H), got {tuple(bias.shape)}")
+    if not out:
+        why = availability()
+        if why is not None:
+            out.append(why)
+    return out
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return t.data_ptr() if t is not None and t.numel() else None
+
+
+def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor, k: Tensor, v: Tensor,
+          bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, keep_scale: float, scale: float,
+          slope: float, stat: Tensor, *, g: Tensor | None = None, ga: Tensor | None = None,
+          out: Tensor | None = None, attn: Tensor | None = None, dk: Tensor | None = None,
+          dw: Tensor | None = None) -> None:
+    """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows."""
+    lib = load()
+    fn = lib.gatx_fused_f32 if v.dtype == torch.float32 else lib.gatx_fused_f64
+    indptr, nbr, eid = rows
+    H, Dv = v.shape[1], v.shape[2]
+    Dk = q.shape[2] if dot else 1
+    rc = fn(which, int(dot), indptr.numel() - 1, H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid), _ptr(q), _ptr(k),
+            _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep), keep_scale, scale,
+            slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
+            torch.get_num_threads())
+    assert rc == 0, f"fused kernel returned {rc}"
+
+
+class _FusedAttention(torch.autograd.Function):
+    """(out, attn) = fused sparse attention; saves the inputs and the per-row log-sum-exp only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, ew, keep, graph, dot, scale, slope, keep_scale, want_attn):
+        csr = graph.csr()
+        H, Dv = v.shape[1], v.shape[2]
+        out = v.new_empty((graph.num_dst, H, Dv))
+        stat = v.new_empty((graph.num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
+        attn = v.new_empty((graph.num_edges, H) if want_attn else (0, H))
+        _call(0, dot, (csr.indptr, csr.src, csr.perm), q, k, v, bias, ew, keep, keep_scale, scale, slope, stat,
+              out=out, attn=attn if want_attn else None)
+        ctx.save_for_backward(q, k, v, bias, ew, keep, stat)
+        ctx.graph, ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale = graph, dot, scale, slope, keep_scale
+        ctx.set_materialize_grads(False)
+        if not want_attn:
+            ctx.mark_non_differentiable(attn)
+        return out, attn
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_attn):
+        q, k, v, bias, ew, keep, stat = ctx.saved_tensors
+        graph = ctx.graph
+        need_q, need_k, need_v, need_b, need_w = ctx.needs_input_grad[:5]
+        if g_out is None and g_attn is None:
+            return (None,) * 12
+        g_out = g_out.contiguous() if g_out is not None else v.new_zeros((graph.num_dst,) + tuple(v.shape[1:]))
+        g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
+        args = (ctx.dot, q, k, v, bias, ew, keep, ctx.keep_scale, ctx.scale, ctx.slope, stat)
+        dq = torch.empty_like(q) if need_q else None
+        db = torch.empty_like(bias) if need_b else None
+        dw = torch.empty_like(ew) if need_w else None
+        dk = dv = None
+        csr = graph.csr()
+        _call(1, args[0], (csr.indptr, csr.src, csr.perm), *args[1:], g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
+        if need_k or need_v:
+            csc = graph.csc()
+            dk = torch.empty_like(k) if need_k else None
+            dv = torch.empty_like(v) if need_v else None
+            _call(2, args[0], (csc.indptr, csc.dst, csc.perm), *args[1:], g=g_out, ga=g_attn, out=dv, dk=dk)
+        return dq, dk, dv, db, dw, None, None, None, None, None, None, None
+
+
+def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: str, scale: float | None,
+                     bias: Tensor | None, negative_slope: float, edge_weight: Tensor | None, dropout_p: float,
+                     return_attention: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op)."""
+    H = v.shape[1]
+    keep, keep_scale = None, 1.0
+    if dropout_p > 0.0:
+        # the same RNG draws as F.dropout on the (E, H) attention: bernoulli_(1 - p) on that shape
+        if dropout_p < 1.0:
+            keep = torch.empty((graph.num_edges, H), dtype=torch.bool).bernoulli_(1.0 - dropout_p)
+            keep_scale = 1.0 / (1.0 - dropout_p)
+        else:  # F.dropout(p=1) draws nothing and zeroes everything
+            keep = torch.zeros((graph.num_edges, H), dtype=torch.bool)
+        keep = keep.view(torch.uint8)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    edge_weight = edge_weight.contiguous() if edge_weight is not None else None
+    out, attn = _FusedAttention.apply(
+        q, k, v, bias, edge_weight, keep, graph, score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope),
+        keep_scale, return_attention,
+    )
+    return (out, attn) if return_attention else out

@@ -1,0 +1,470 @@
+// Fused sparse attention over a CSR graph (CPU, OpenMP): scores, edge softmax and aggregation in one
+// pass per destination row; backward recomputes scores from the per-row log-sum-exp.
+//
+// Plain C++ with an extern "C" interface (no torch headers: it compiles in seconds); gatx builds it on
+// first use and loads it with ctypes (gatx/backends/fused.py). Indices are trusted: gatx.Graph
+// validated them, and the Python side checks every shape before calling in.
+//
+// Notation: row i (a dst node), edge e (original edge id), j = src of e, h head, D value width.
+//   additive: z = k[j,h] + q[i,h] (+ bias[e,h]),   s = z > 0 ? z : slope * z
+//   dot:      s = scale * <q[i,h,:], k[j,h,:]> (+ bias[e,h])
+//   p = exp(s - lse[i,h]) (the softmax), c = keep[e,h] * keep_scale * w[e(,h)], a = p * c
+//   out[i,h,:] = sum_e a * v[j,h,:]
+// Backward, with g = dL/dout and ga = dL/da (when the attention is returned):
+//   da = <g[i,h,:], v[j,h,:]> + ga[e,h],  delta[i,h] = sum_e p * c * da,  ds = p * (c * da - delta)
+//   dz = ds * (z > 0 ? 1 : slope) (additive) ; dv[j] += a * g[i] ; dw[e] += p * keep * keep_scale * da
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include <omp.h>
+
+namespace {
+
+// exp(x) for float: range reduction + degree-6 polynomial, branch free so loops vectorise
+// (about 2 ulp). x < -87.3 (including -inf) gives exactly 0, like the softmax of a masked score.
+inline float fast_exp(float x) {
+  const float hi = 88.37626f, lo = -87.33654f;
+  const bool under = x < lo;
+  x = std::min(std::max(x, lo), hi);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return under ? 0.0f : p * scale;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+// Gathers are the bottleneck (random rows of k / v / g): prefetch whole rows a few edges ahead.
+#ifndef GATX_AHEAD
+#define GATX_AHEAD 6
+#endif
+#ifndef GATX_HINT
+#define GATX_HINT 3
+#endif
+#ifndef GATX_FWDV
+#define GATX_FWDV 0
+#endif
+constexpr int64_t kAhead = GATX_AHEAD;
+inline void prefetch_row(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, GATX_HINT);
+}
+
+template <typename T>
+struct Args {
+  int64_t n_rows, H, Dk, Dv;
+  // rows of the pass: CSR by dst (forward, backward pass A) or by src (backward pass B)
+  const int64_t* indptr;
+  const int64_t* nbr;   // the other endpoint of each edge, in row order
+  const int64_t* eid;   // edge id of each edge in row order
+  const T* q;           // additive: (N_dst, H); dot: (N_dst, H, Dk)
+  const T* k;           // additive: (N_src, H); dot: (N_src, H, Dk)
+  const T* v;           // (N_src, H, Dv)
+  const T* bias;        // (E, H) or null
+  const T* ew;          // (E,) or (E, H) or null
+  int ew_heads;         // 1 when ew is (E, H)
+  const uint8_t* keep;  // (E, H) dropout keep-mask or null
+  T keep_scale;         // 1 / (1 - p)
+  T scale, slope;
+  const T* g;           // (N_dst, H, Dv) grad of out (backward)
+  const T* ga;          // (E, H) grad of the returned attention or null (backward)
+  T* stat;              // (N_dst, 2, H): lse (written by forward), delta (written by pass A)
+  // outputs
+  T* out;   // forward: (N_dst, H, Dv); pass A: dq or null; pass B: dv or null
+  T* attn;  // forward: (E, H) or null; pass A: dbias or null
+  T* dk;    // pass B: dk or null
+  T* dw;    // pass A: dw or null
+  int nthreads;
+};
+
+template <typename T, int DC>
+inline void axpy(T a, const T* __restrict x, T* __restrict y, int64_t D) {
+  const int64_t n = DC ? DC : D;
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+}
+
+// y[h, :] += a[h] * x[h, :] for all heads
+template <typename T, int HC, int DC>
+inline void head_axpy(const T* __restrict a, const T* __restrict x, T* __restrict y, int64_t H, int64_t D) {
+  const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
+  for (int64_t h = 0; h < nh; ++h) {
+    const T ah = a[h];
+#pragma omp simd
+    for (int64_t d = 0; d < nd; ++d) y[h * nd + d] += ah * x[h * nd + d];
+  }
+}
+
+// out[h] = <x[h, :], y[h, :]> for all heads
+template <typename T, int HC, int DC>
+inline void head_dots(const T* __restrict x, const T* __restrict y, T* __restrict out, int64_t H, int64_t D) {
+  const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
+  for (int64_t h = 0; h < nh; ++h) {
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < nd; ++d) acc += x[h * nd + d] * y[h * nd + d];
+    out[h] = acc;
+  }
+}
+
+// The score s of edge (i <- j, id e) for all heads; fac[h] = ds/dz (additive) or 1.
+// Branch free (the sign of z is random: a branch per head would mispredict half the time).
+template <typename T, bool DOT, int HC>
+inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restrict s, T* __restrict fac) {
+  const int64_t H = HC ? HC : A.H;
+  const T* __restrict b = A.bias ? A.bias + e * H : nullptr;
+  if (DOT) {
+    const int64_t Dk = A.Dk;
+    const T scale = A.scale;
+    head_dots<T, HC, 0>(A.q + i * H * Dk, A.k + j * H * Dk, s, H, Dk);
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) {
+      s[h] = s[h] * scale + (b ? b[h] : T(0));
+      fac[h] = 1;
+    }
+  } else {
+    const T slope = A.slope;
+    const T* __restrict qi = A.q + i * H;
+    const T* __restrict kj = A.k + j * H;
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) {
+      const T z = (kj[h] + qi[h]) + (b ? b[h] : T(0));
+      const T f = z > 0 ? T(1) : slope;
+      fac[h] = f;
+      s[h] = z * f;
+    }
+  }
+}
+
+// c[h] = keep * keep_scale * w for edge e; kd[h] = keep * keep_scale (the factor of dw)
+template <typename T, int HC>
+inline void edge_factor(const Args<T>& A, int64_t e, T* __restrict c, T* __restrict kd) {
+  const int64_t H = HC ? HC : A.H;
+  for (int64_t h = 0; h < H; ++h) kd[h] = A.keep ? (A.keep[e * H + h] ? A.keep_scale : T(0)) : T(1);
+  if (!A.ew) {
+    for (int64_t h = 0; h < H; ++h) c[h] = kd[h];
+  } else if (A.ew_heads) {
+    for (int64_t h = 0; h < H; ++h) c[h] = kd[h] * A.ew[e * H + h];
+  } else {
+    const T w = A.ew[e];
+    for (int64_t h = 0; h < H; ++h) c[h] = kd[h] * w;
+  }
+}
+
+inline int64_t chunk_for(int64_t n, int nthreads) {
+  return std::max<int64_t>(16, std::min<int64_t>(1024, n / (int64_t(nthreads) * 32 + 1)));
+}
+
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------- forward (rows = dst nodes)
+template <typename T, bool DOT, int HC, int DC>
+void forward(const Args<T>& A) {
+  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv;
+  const int64_t kw = DOT ? H * A.Dk : H, n_edges = A.indptr[A.n_rows];
+  const bool need_c = A.keep || A.ew;
+  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    std::vector<T> buf, vec(6 * H), acc(H * Dv);
+    T* __restrict m = vec.data();
+    T* __restrict l = m + H;
+    T* __restrict fac = l + H;
+    T* __restrict c = fac + H;
+    T* __restrict kd = c + H;
+    T* __restrict a = kd + H;
+    std::fill(c, c + H, T(1));
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < A.n_rows; ++i) {
+      const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
+      T* out_i = A.out + i * H * Dv;
+      T* lse_i = A.stat + i * 2 * H;
+      if (deg == 0) {
+        std::fill(out_i, out_i + H * Dv, T(0));
+        std::fill(lse_i, lse_i + H, T(0));
+        continue;
+      }
+      if (static_cast<int64_t>(buf.size()) < deg * H) buf.resize(deg * H);
+      T* __restrict sb = buf.data();
+      std::fill(m, m + H, T(kNegInf));
+      for (int64_t t = 0; t < deg; ++t) {
+        if (p0 + t + kAhead < n_edges) {
+          prefetch_row(A.k + A.nbr[p0 + t + kAhead] * kw, kw * sizeof(T));
+          if (A.bias) prefetch_row(A.bias + A.eid[p0 + t + kAhead] * H, H * sizeof(T));
+#if GATX_FWDV == 1
+          prefetch_row(A.v + A.nbr[p0 + t + kAhead] * H * Dv, H * Dv * sizeof(T));
+#endif
+        }
+#if GATX_FWDV == 0
+        prefetch_row(A.v + A.nbr[p0 + t] * H * Dv, H * Dv * sizeof(T));  // used in the second pass
+#endif
+        T* s = sb + t * H;
+        scores<T, DOT, HC>(A, i, A.nbr[p0 + t], A.eid[p0 + t], s, fac);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], s[h]);
+      }
+      // a row whose scores are all -inf gets max 0 (its weights are then all 0), as the reference does
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) {
+        m[h] = m[h] > T(kNegInf) ? m[h] : T(0);
+        l[h] = 0;
+      }
+      for (int64_t t = 0; t < deg; ++t) {
+        T* s = sb + t * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          s[h] = fast_exp(s[h] - m[h]);
+          l[h] += s[h];
+        }
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const T lh = l[h] > 0 ? l[h] : T(1);
+        lse_i[h] = m[h] + std::log(lh);
+        l[h] = T(1) / lh;
+      }
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t t = 0; t < deg; ++t) {
+        const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
+#if GATX_FWDV == 2
+        if (t + kAhead < deg) prefetch_row(A.v + A.nbr[p0 + t + kAhead] * H * Dv, H * Dv * sizeof(T));
+#endif
+        if (need_c) edge_factor<T, HC>(A, e, c, kd);
+        const T* s = sb + t * H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) a[h] = s[h] * l[h] * c[h];
+        if (A.attn) std::copy(a, a + H, A.attn + e * H);
+        head_axpy<T, HC, DC>(a, A.v + j * H * Dv, acc.data(), H, Dv);
+      }
+      std::copy(acc.begin(), acc.end(), out_i);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward pass A (rows = dst nodes)
+// delta (into stat), dq (out; additive (N_dst, H), dot (N_dst, H, Dk)), dbias (attn), dw
+template <typename T, bool DOT, int HC, int DC>
+void backward_dst(const Args<T>& A) {
+  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = A.Dk;
+  const int64_t qw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
+  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
+  T* dq = A.out;
+  T* dbias = A.attn;
+  T* dw = A.dw;
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    std::vector<T> bp, bd, bf, vec(6 * H), dqv(qw);
+    T* __restrict s = vec.data();
+    T* __restrict fac = s + H;
+    T* __restrict c = fac + H;
+    T* __restrict kd = c + H;
+    T* __restrict da = kd + H;
+    T* __restrict delta = da + H;
+    T* __restrict dqi = dqv.data();
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < A.n_rows; ++i) {
+      const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
+      const T* gi = A.g + i * H * Dv;
+      const T* lse_i = A.stat + i * 2 * H;
+      std::fill(delta, delta + H, T(0));
+      if (static_cast<int64_t>(bp.size()) < deg * H) {
+        bp.resize(deg * H);
+        bd.resize(deg * H);
+        bf.resize(deg * H);
+      }
+      for (int64_t t = 0; t < deg; ++t) {
+        const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
+        if (p0 + t + kAhead < n_edges) {
+          const int64_t ja = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
+          prefetch_row(A.k + ja * qw, qw * sizeof(T));
+          prefetch_row(A.v + ja * H * Dv, H * Dv * sizeof(T));
+          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
+          if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
+        }
+        scores<T, DOT, HC>(A, i, j, e, s, fac);
+        edge_factor<T, HC>(A, e, c, kd);
+        head_dots<T, HC, DC>(gi, A.v + j * H * Dv, da, H, Dv);
+        T* __restrict p = bp.data() + t * H;
+        T* __restrict dat = bd.data() + t * H;
+        T* __restrict ft = bf.data() + t * H;
+        const T* ga = A.ga ? A.ga + e * H : nullptr;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          p[h] = fast_exp(s[h] - lse_i[h]);
+          dat[h] = da[h] + (ga ? ga[h] : T(0));
+          delta[h] += p[h] * c[h] * dat[h];
+          ft[h] = fac[h];
+        }
+        if (dw) {
+          if (A.ew_heads) {
+            for (int64_t h = 0; h < H; ++h) dw[e * H + h] = p[h] * dat[h] * kd[h];
+          } else {
+            T acc = 0;
+            for (int64_t h = 0; h < H; ++h) acc += p[h] * dat[h] * kd[h];
+            dw[e] = acc;
+          }
+        }
+      }
+      std::copy(delta, delta + H, A.stat + i * 2 * H + H);
+      if (!dq && !dbias) continue;
+      std::fill(dqi, dqi + qw, T(0));
+      for (int64_t t = 0; t < deg; ++t) {
+        const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
+        edge_factor<T, HC>(A, e, c, kd);
+        const T* __restrict p = bp.data() + t * H;
+        const T* __restrict dat = bd.data() + t * H;
+        const T* __restrict ft = bf.data() + t * H;
+        T* __restrict dz = s;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) dz[h] = p[h] * (c[h] * dat[h] - delta[h]) * ft[h];
+        if (dbias) std::copy(dz, dz + H, dbias + e * H);
+        if (DOT) {
+          for (int64_t h = 0; h < H; ++h) axpy<T, 0>(dz[h] * A.scale, A.k + (j * H + h) * Dk, dqi + h * Dk, Dk);
+        } else {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) dqi[h] += dz[h];
+        }
+      }
+      if (dq) std::copy(dqi, dqi + qw, dq + i * qw);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- backward pass B (rows = src nodes)
+// dv (out) (N_src, H, Dv) and dk (additive (N_src, H), dot (N_src, H, Dk)); nbr = dst of each edge
+template <typename T, bool DOT, int HC, int DC>
+void backward_src(const Args<T>& A) {
+  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = A.Dk;
+  const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
+  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
+  T* dv = A.out;
+  T* dk = A.dk;
+#pragma omp parallel num_threads(A.nthreads)
+  {
+    std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
+    T* __restrict s = vec.data();
+    T* __restrict fac = s + H;
+    T* __restrict c = fac + H;
+    T* __restrict kd = c + H;
+    T* __restrict a = kd + H;
+    T* __restrict da = a + H;
+    T* __restrict dz = da + H;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t j = 0; j < A.n_rows; ++j) {
+      const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
+      const T* vj = A.v + j * H * Dv;
+      std::fill(accv.begin(), accv.end(), T(0));
+      std::fill(acck.begin(), acck.end(), T(0));
+      for (int64_t t = 0; t < deg; ++t) {
+        const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
+        if (p0 + t + kAhead < n_edges) {
+          const int64_t ia = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
+          prefetch_row(A.q + ia * kw, kw * sizeof(T));
+          prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
+          prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
+          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
+          if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
+          if (A.keep) prefetch_row(A.keep + ea * H, H);
+          if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
+        }
+        scores<T, DOT, HC>(A, i, j, e, s, fac);
+        edge_factor<T, HC>(A, e, c, kd);
+        const T* gi = A.g + i * H * Dv;
+        const T* lse_i = A.stat + i * 2 * H;
+        const T* delta_i = lse_i + H;
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) a[h] = fast_exp(s[h] - lse_i[h]);  // p
+        if (dk) {
+          head_dots<T, HC, DC>(gi, vj, da, H, Dv);
+          const T* ga = A.ga ? A.ga + e * H : nullptr;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h)
+            dz[h] = a[h] * (c[h] * (da[h] + (ga ? ga[h] : T(0))) - delta_i[h]) * fac[h];
+          if (DOT) {
+            for (int64_t h = 0; h < H; ++h)
+              axpy<T, 0>(dz[h] * A.scale, A.q + (i * H + h) * Dk, acck.data() + h * Dk, Dk);
+          } else {
+#pragma omp simd
+            for (int64_t h = 0; h < H; ++h) acck[h] += dz[h];
+          }
+        }
+        if (dv) {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) a[h] *= c[h];
+          head_axpy<T, HC, DC>(a, gi, accv.data(), H, Dv);
+        }
+      }
+      if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
+      if (dk) std::copy(acck.begin(), acck.end(), dk + j * kw);
+    }
+  }
+}
+
+template <typename T, bool DOT, int HC, int DC>
+void run3(int which, const Args<T>& A) {
+  if (which == 0) forward<T, DOT, HC, DC>(A);
+  else if (which == 1) backward_dst<T, DOT, HC, DC>(A);
+  else backward_src<T, DOT, HC, DC>(A);
+}
+
+// Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
+// vision and transformer models); everything else, and float64, runs the generic instantiation.
+template <typename T, bool DOT>
+void run(int which, const Args<T>& A) {
+  if (std::is_same<T, float>::value) {
+    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A);
+    switch (A.Dv) {
+      case 8: return run3<T, DOT, 0, 8>(which, A);
+      case 16: return run3<T, DOT, 0, 16>(which, A);
+      case 32: return run3<T, DOT, 0, 32>(which, A);
+      case 64: return run3<T, DOT, 0, 64>(which, A);
+      default: break;
+    }
+  }
+  run3<T, DOT, 0, 0>(which, A);
+}
+
+template <typename T>
+int entry(int which, int dot, int64_t n_rows, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
+          const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
+          const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
+          const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {
+  if (which < 0 || which > 2) return 1;
+  Args<T> A{n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
+            static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
+            out, attn, dk, dw, std::max(1, nthreads)};
+  if (dot) run<T, true>(which, A);
+  else run<T, false>(which, A);
+  return 0;
+}
+
+}  // namespace
+
+// which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows (see Args)
+#define GATX_ENTRY(NAME, T)                                                                              \
+  extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t H, int64_t Dk, int64_t Dv,            \
+                      const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* q,        \
+                      const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
+                      const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
+                      const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {              \
+    return entry<T>(which, dot, n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
+                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, nthreads);                \
+  }
+
+GATX_ENTRY(gatx_fused_f32, float)
+GATX_ENTRY(gatx_fused_f64, double)
+
+extern "C" int gatx_fused_abi_version() { return 2; }
