@@ -17,7 +17,6 @@ Peak memory, what the number means:
 """
 from __future__ import annotations
 
-import gc
 import json
 import os
 import platform
@@ -106,7 +105,6 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         import torch
 
-        gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -154,15 +152,18 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def measure(fn: Callable[[], Any], device: str, warmup: int, reps: int, budget_s: float) -> dict[str, Any]:
-    """Median wall time of ``fn`` after ``warmup`` calls.
+    """Median wall time of ``fn`` after ``warmup`` calls (one, when a call takes over a second).
 
     Runs ``reps`` timed calls, or fewer (never under min(3, reps)) once ``budget_s`` seconds are spent.
     The device is synchronised before every clock read.
     """
     sync = synchronizer(device)
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
-    sync()
+        sync()
+        if time.perf_counter() - t0 > 1.0:  # a call this long is past warm-up effects after one
+            break
     times: list[float] = []
     spent = 0.0
     while len(times) < reps:
@@ -276,6 +277,4 @@ def check_and_time(row: dict[str, Any], build: Callable[[], tuple[Callable[[], A
             timing = measure(call, args.device, args.warmup, args.reps, args.budget)
         rows.append(dict(row, mode=mode, status="ok", **timing, peak_mem_mib=mem.mib, mem_method=mem.method, **check))
         log(fmt_row(rows[-1]))
-    del forward, named, params, call
-    gc.collect()
     return rows

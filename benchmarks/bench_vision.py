@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         configs = [(1, 14, 7), (1, 14, 3)]
         warmup, reps, budget = 1, 1, 0.5
     elif args.quick:
-        configs = [(1, m, 7) for m in (14, 28, 56)] + [(1, 56, 3), (1, 56, 13)]
+        configs = [(1, m, 7) for m in (14, 28, 56)] + [(1, m, k) for k in (3, 13) for m in (28, 56)]
         warmup, reps, budget = 1, 5, 1.0
     else:
         configs = [(1, m, k) for m in (14, 28, 56, 112) for k in (3, 7, 13)] + [(2, 28, 7), (2, 56, 7)]

@@ -10,9 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
 
-GAT_SPARSE_OTHERS = ("dgl.GATConv", "pyg.GATConv")
-
-
 def _ms(v: float | None) -> str:
     if v is None:
         return "-"
@@ -82,47 +79,33 @@ def _section(idx: Rows, bench: str, systems: list[str], cases: list[str]) -> lis
     return out + [""]
 
 
-def gat_reading(idx: Rows) -> list[str]:
-    lines = []
-    dense_cases = [c for c in idx.cases if idx.t(c, "dense-masked", "fwd+bwd") is not None]
-    if dense_cases:
-        parts, wins = [], []
-        for c in dense_cases:
-            _, g = idx.best_gatx(c, "fwd+bwd")
-            d = idx.t(c, "dense-masked", "fwd+bwd")
-            if g is not None:
-                parts.append(f"{idx.first[c]['case']} {_ratio(d, g)}")
-                if d < g:
-                    wins.append(idx.first[c]["case"])
-        lines.append("- Sparse vs dense (fwd+bwd, dense time / best gatx time): " + ", ".join(parts) + ".")
-        lines.append("  Dense is faster than gatx on " + (", ".join(wins) if wins else "none of the measured graphs") +
-                     "; beyond --dense-max-nodes dense is not run at all (H x N x N scores).")
-    for other in GAT_SPARSE_OTHERS:
-        parts = []
-        for c in idx.cases:
-            name, g = idx.best_gatx(c, "fwd+bwd")
-            o = idx.t(c, other, "fwd+bwd")
-            if g is not None and o is not None:
-                parts.append(f"{idx.first[c]['case']} {_ratio(o, g)}")
-        if parts:
-            lines.append(f"- {other} time / best gatx time (fwd+bwd; >1 means gatx is faster): " + ", ".join(parts) + ".")
-    return lines
-
-
-def vision_reading(idx: Rows) -> list[str]:
-    lines = []
+def ratio_table(idx: Rows, bench: str) -> list[str]:
+    """Time of each other system / time of the best gatx backend, per case, from the same run."""
     others = [s for s in idx.systems if not s.startswith("gatx")]
-    for other in others:
-        parts = []
-        for c in idx.cases:
-            name, g = idx.best_gatx(c, "fwd+bwd")
-            o = idx.t(c, other, "fwd+bwd")
-            if g is not None and o is not None:
-                r = idx.first[c]
-                parts.append(f"{r['map']}x{r['map']} k{r['kernel']} C{r['dim']} {_ratio(o, g)}")
-        if parts:
-            lines.append(f"- {other} time / best gatx time (fwd+bwd; >1 means gatx is faster): " + ", ".join(parts) + ".")
-    return lines
+    head = (["graph", "N"] if bench == "gat" else ["map", "k", "C/heads"]) + ["best gatx (fwd+bwd / fwd)"] + others
+    body = []
+    for c in idx.cases:
+        cols = _case_cols(idx, c, bench)[: 2 if bench == "gat" else 3]
+        name_b, g_b = idx.best_gatx(c, "fwd+bwd")
+        name_f, g_f = idx.best_gatx(c, "fwd")
+        if g_b is None:
+            continue
+        best = f"{name_b.split('[')[-1].rstrip(']')} {_ms(g_b)} / {name_f.split('[')[-1].rstrip(']')} {_ms(g_f)} ms"
+        cells = []
+        for o in others:
+            b, f = idx.t(c, o, "fwd+bwd"), idx.t(c, o, "fwd")
+            cells.append("-" if b is None else f"{_ratio(b, g_b)} / {_ratio(f, g_f)}")
+        body.append(cols + [best] + cells)
+    return ["**time / best gatx time, fwd+bwd / fwd (same run; >1 means gatx is faster)**", ""] + _table(head, body) + [""]
+
+
+def dense_reading(idx: Rows) -> list[str]:
+    dense = [c for c in idx.cases if idx.t(c, "dense-masked", "fwd+bwd") is not None]
+    if not dense:
+        return []
+    wins = [idx.first[c]["case"] for c in dense if idx.t(c, "dense-masked", "fwd+bwd") < idx.best_gatx(c, "fwd+bwd")[1]]
+    return ["- Dense masked attention is faster than gatx (fwd+bwd) on " + (", ".join(wins) if wins else "none of the measured graphs")
+            + "; above --dense-max-nodes it is not run (H x N x N scores)."]
 
 
 def _checks_and_skips(rows: list[dict[str, Any]]) -> list[str]:
@@ -164,7 +147,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
     if gat.rows:
         out += ["## One GAT layer, 8 heads x 8 features", ""]
         out += _section(gat, "gat", [s for s in gat.systems], gat.cases)
-        out += ["Reading:", ""] + gat_reading(gat) + [""]
+        out += ratio_table(gat, "gat") + dense_reading(gat) + [""]
     vis = Rows(rows, "vision")
     if vis.rows:
         out += ["## Local attention on image maps (B=2)", ""]
@@ -173,7 +156,10 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
             systems = [s for s in vis.systems if any(r["system"] == s and r.get("group") == group for r in vis.rows)]
             if cases:
                 out += [f"### {group} attention", ""] + _section(vis, "vision", systems, cases)
-        out += ["Reading:", ""] + vision_reading(vis) + [""]
+        for group in ("neighborhood", "window"):
+            sub = Rows([r for r in rows if r.get("group") == group], "vision")
+            if sub.cases:
+                out += [f"### {group} attention: ratios", ""] + ratio_table(sub, "vision")
     out += _checks_and_skips(rows)
     path.write_text("\n".join(out))
 
@@ -184,6 +170,7 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     title_env = env_line(payload, short=True)
     rows = payload["rows"]
@@ -216,13 +203,17 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
         for row, mode in enumerate(("fwd", "fwd+bwd")):
             for col, k in enumerate(kernels):
                 ax = axes[row][col]
+                sides = set()
                 for i, s in enumerate(vis.systems):
-                    pts = sorted((vis.first[c]["pixels"], vis.t(c, s, mode)) for c in vis.cases
+                    pts = sorted((vis.first[c]["map"], vis.t(c, s, mode)) for c in vis.cases
                                  if vis.first[c]["kernel"] == k and vis.first[c]["stage"] == 1 and vis.t(c, s, mode) is not None)
                     if pts:
                         ax.plot(*zip(*pts), marker="o", ms=4, color=f"C{i}", label=s, ls="--" if "dense" in s else "-")
-                ax.set(xscale="log", yscale="log", xlabel="pixels X*Y (C=96, 3 heads, B=2)", ylabel="median ms",
+                        sides |= {p[0] for p in pts}
+                ax.set(xscale="log", yscale="log", xlabel="map side, log scale (C=96, 3 heads, B=2)", ylabel="median ms",
                        title=f"kernel/window {k}, {mode}")
+                ax.set_xticks(sorted(sides), [f"{m}x{m}" for m in sorted(sides)])
+                ax.xaxis.set_minor_formatter(NullFormatter())
                 ax.grid(True, which="both", alpha=0.3)
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=7)
