@@ -1,0 +1,127 @@
+"""The structured backend: chosen automatically for grid graphs, identical to the generic torch path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gatx import Graph, ops
+from gatx.ops import BackendUnavailable, select
+from gatx.vision import neighborhood_graph, window_graph
+
+GRAPHS = {
+    "na 8x8 k3": lambda: neighborhood_graph(8, 8, 3),  # tiles are blocks: no query gather
+    "na 13x10 k5": lambda: neighborhood_graph(13, 10, 5),  # overlapping last tiles
+    "na 11x9 k3 d2": lambda: neighborhood_graph(11, 9, 3, 2),
+    "na 20x17 k3 d3": lambda: neighborhood_graph(20, 17, 3, 3),
+    "win 8x8 w4": lambda: window_graph(8, 8, 4),
+    "win 8x8 w4 s2": lambda: window_graph(8, 8, 4, 2),
+    "win 10x7 w4 s3": lambda: window_graph(10, 7, 4, 3),
+    "win 5x6 w7 s3": lambda: window_graph(5, 6, 7, 3),
+}
+
+
+def inputs(g: Graph, H: int, D: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(g.num_dst, H, D, generator=gen, dtype=dtype).requires_grad_() for _ in range(3))
+    bias = torch.randn(g.num_edges, H, generator=gen, dtype=dtype).requires_grad_()
+    ew = torch.rand(g.num_edges, generator=gen, dtype=dtype).requires_grad_()
+    return q, k, v, bias, ew
+
+
+def run(g, q, k, v, backend, **kw):
+    """Outputs and gradients of a fixed random loss over output and attention."""
+    out, attn = ops.sparse_attention(g, q, k, v, return_attention=True, backend=backend, **kw)
+    gen = torch.Generator().manual_seed(7)
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (attn * attn).sum()
+    leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+    return [out, attn, *torch.autograd.grad(loss, leaves)]
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("extras", ["none", "bias", "bias+edge_weight", "bias (E, 1)"])
+def test_structured_equals_torch(name, dtype, extras):
+    g = GRAPHS[name]()
+    q, k, v, bias, ew = inputs(g, H=4, D=8, dtype=dtype)
+    kw = {}
+    if "bias" in extras:
+        kw["bias"] = bias[:, :1] if "(E, 1)" in extras else bias
+    if "edge_weight" in extras:
+        kw["edge_weight"] = ew
+    auto = run(g, q, k, v, None, **kw)
+    ref = run(g, q, k, v, "torch", **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    names = ["out", "attention", "grad q", "grad k", "grad v", "grad bias", "grad edge_weight"]
+    for n, a, b in zip(names, auto, ref):
+        err = float((a - b).detach().abs().max())
+        assert err <= tol, f"{name} {dtype} {extras}: {n} differs from the torch backend by {err:.3g}"
+
+
+def test_structured_is_chosen_automatically():
+    g = neighborhood_graph(8, 8, 3)
+    q = torch.randn(64, 2, 4)
+    mod = select(None, g, q, q, q, op="sparse_attention", score="dot", bias=None)
+    assert mod.NAME == "structured"
+    plain = Graph(g.src, g.dst, 64, 64)  # same edges, no structure: the generic path
+    assert select(None, plain, q, q, q, op="sparse_attention", score="dot", bias=None).NAME != "structured"
+
+
+def test_structured_reasons():
+    from gatx.backends import structured
+
+    g = neighborhood_graph(8, 8, 3)
+    q = torch.randn(64, 2, 4)
+    assert structured.reasons(g, q, q, q, op="sparse_attention", score="dot") == []
+    assert "regular structure" in structured.reasons(Graph(g.src, g.dst, 64, 64), q, op="sparse_attention")[0]
+    assert "score='dot'" in structured.reasons(g, q, op="sparse_attention", score="additive")[0]
+    assert structured.reasons(g, q, op="edge_softmax") != []
+    with pytest.raises(BackendUnavailable, match="regular structure"):
+        ops.sparse_attention(Graph(g.src, g.dst, 64, 64), q, q, q, backend="structured")
+
+
+def test_additive_score_falls_back():
+    """GAT-style scores on a grid graph run on the generic path and still agree with it."""
+    g = neighborhood_graph(8, 8, 3)
+    gen = torch.Generator().manual_seed(0)
+    el, er, v = torch.randn(64, 2, generator=gen), torch.randn(64, 2, generator=gen), torch.randn(64, 2, 3, generator=gen)
+    a = ops.sparse_attention(g, er, el, v, score="additive")
+    b = ops.sparse_attention(g, er, el, v, score="additive", backend="torch")
+    assert float((a - b).abs().max()) < 1e-6
+
+
+def test_attention_dropout():
+    """Dropout in the structured path: the output is exactly the returned (dropped) attention applied to v."""
+    g = window_graph(8, 8, 4, 2)
+    q, k, v, bias, _ = inputs(g, H=3, D=4, dtype=torch.float64)
+    torch.manual_seed(0)
+    out, attn = ops.sparse_attention(g, q, k, v, bias=bias, dropout_p=0.5, return_attention=True)
+    again = ops.aggregate(g, attn, v, backend="torch")
+    assert float((out - again).abs().max()) < 1e-12
+    _, plain = ops.sparse_attention(g, q, k, v, bias=bias, return_attention=True)
+    zeroed = (attn == 0) & (plain > 0)
+    assert 0.3 < float(zeroed.double().mean()) < 0.7, "about half the weights must be dropped"
+    kept = ~zeroed
+    assert float((attn[kept] - 2 * plain[kept]).abs().max()) < 1e-12, "kept weights are scaled by 1 / (1 - p)"
+    evald = ops.sparse_attention(g, q, k, v, bias=bias, dropout_p=0.5, training=False)
+    assert float((evald - ops.sparse_attention(g, q, k, v, bias=bias, backend="torch")).abs().max()) < 1e-12
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    Y=st.integers(3, 14), X=st.integers(3, 14), k=st.sampled_from([1, 3]), d=st.integers(1, 3),
+    w=st.integers(1, 6), s=st.integers(0, 5), window=st.booleans(),
+)
+def test_structured_property(Y, X, k, d, w, s, window):
+    if window:
+        g = window_graph(Y, X, w, s % w)
+    elif min(Y, X) >= k * d:
+        g = neighborhood_graph(Y, X, k, d)
+    else:
+        return
+    q, k_, v, bias, _ = inputs(g, H=2, D=3, dtype=torch.float64, seed=Y * 100 + X)
+    auto = run(g, q, k_, v, None, bias=bias)
+    ref = run(g, q, k_, v, "torch", bias=bias)
+    for a, b in zip(auto, ref):
+        assert float((a - b).detach().abs().max()) < 1e-10
