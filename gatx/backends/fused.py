@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,7 @@ class _State:
     lib: Any = None
     error: str | None = None
     tried: bool = False
+    lock = threading.Lock()
 
 
 _state = _State()
@@ -120,20 +122,21 @@ def load() -> Any:
     """The compiled library (building it on first use), or raise OSError with the reason."""
     if _state.lib is not None:
         return _state.lib
-    if _state.tried:
+    with _state.lock:
+        if _state.lib is None and not _state.tried:
+            _state.tried = True
+            try:
+                lib = ctypes.CDLL(str(build()))
+                if lib.gatx_fused_abi_version() != _ABI:
+                    raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
+                _declare(lib.gatx_fused_f32)
+                _declare(lib.gatx_fused_f64)
+                _state.lib = lib
+            except Exception as err:  # noqa: BLE001 - every failure becomes a reason
+                _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"
+    if _state.lib is None:
         raise OSError(_state.error)
-    _state.tried = True
-    try:
-        lib = ctypes.CDLL(str(build()))
-        if lib.gatx_fused_abi_version() != _ABI:
-            raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
-        _declare(lib.gatx_fused_f32)
-        _declare(lib.gatx_fused_f64)
-    except Exception as err:  # noqa: BLE001 - every failure becomes a reason
-        _state.error = f"the fused CPU kernel is unavailable: {err}"
-        raise OSError(_state.error) from err
-    _state.lib = lib
-    return lib
+    return _state.lib
 
 
 def availability() -> str | None:
@@ -170,9 +173,12 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
             out.append(f"the fused backend needs q and k of {want} dims for score={score!r}, got {q.dim()} and {k.dim()}")
         if v.dim() != 3:
             out.append(f"the fused backend needs v of shape (num_src, H, D), got {tuple(v.shape)}")
-    bias = opts.get("bias")
-    if bias is not None and bias.dim() != 2:
-        out.append(f"the fused backend needs bias of shape (E, H), got {tuple(bias.shape)}")
+    heads = tensors[2].shape[1] if len(tensors) >= 3 and tensors[2].dim() >= 2 else None
+    bias, ew = opts.get("bias"), opts.get("edge_weight")
+    if bias is not None and (bias.dim() != 2 or bias.shape[1] not in (1, heads)):
+        out.append(f"the fused backend needs bias of shape (E, H) or (E, 1), got {tuple(bias.shape)}")
+    if ew is not None and ew.dim() == 2 and ew.shape[1] not in (1, heads):
+        out.append(f"the fused backend needs edge_weight of shape (E,), (E, H) or (E, 1), got {tuple(ew.shape)}")
     if not out:
         why = availability()
         if why is not None:
@@ -261,7 +267,10 @@ def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: st
             keep = torch.zeros((graph.num_edges, H), dtype=torch.bool)
         keep = keep.view(torch.uint8)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    bias = bias.contiguous() if bias is not None else None
+    E = graph.num_edges
+    bias = bias.expand(E, H).contiguous() if bias is not None else None  # (E, H); (E, 1) broadcasts
+    if edge_weight is not None and edge_weight.dim() == 2 and edge_weight.shape[1] == 1 and H != 1:
+        edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads
     edge_weight = edge_weight.contiguous() if edge_weight is not None else None
     out, attn = _FusedAttention.apply(
         q, k, v, bias, edge_weight, keep, graph, score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope),
