@@ -14,7 +14,16 @@ load becomes a reason, so gatx falls back to the other backends.
 
 Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
 ``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
-the same edges.
+the same edges. The mask (one byte per entry) is the only (E, H) tensor kept for backward.
+
+Limits: first-order gradients only (a second backward through it raises; use backend="torch" for
+double backward), no forward-mode AD, CPU float32 / float64 only.
+
+Why plain C++ through ctypes (measured on 100k nodes / 2.1M edges, 8 heads x 8, this 2-core box):
+the same forward written in numba (prange) ran 3.5x slower than this kernel and took ~9 s to JIT;
+torch.compile of the gather / scatter formulation took 29 s to compile and ran fwd+bwd 11x slower;
+a torch C++ extension needs torch's headers (42 s to compile an empty one here, against 14 s for
+all of this kernel) and ninja, for no gain in the kernel itself.
 """
 from __future__ import annotations
 
@@ -97,7 +106,13 @@ def build() -> Path:
     path = library_path(cxx)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:  # an unwritable home: build into the temp directory instead
+        path = Path(tempfile.gettempdir()) / f"gatx-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / path.name
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
     os.close(fd)
     try:
