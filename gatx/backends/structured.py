@@ -145,6 +145,8 @@ class Tiling:
     ``mask`` (T, Qt, Kt) float32 is 0 at the allowed (query slot, halo slot) pairs and -inf elsewhere.
     ``query_nodes`` (T*Qt rows) and ``key_nodes`` (T*Kt rows) gather the node of each query / halo
     slot; ``owner`` (N rows) gathers, for each node, the query slot whose output it keeps.
+    ``keys_are_queries``: each tile's halo is its query block (unshifted windows), so keys are laid
+    out like queries, without a gather. ``full``: no dense position is masked (``pos_edge < E``).
     """
 
     y: AxisTiling
@@ -155,6 +157,8 @@ class Tiling:
     query_nodes: RowGather
     key_nodes: RowGather
     owner: RowGather
+    keys_are_queries: bool
+    full: bool
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -177,7 +181,8 @@ class Tiling:
         device = torch.device(device)
         if device == self.device:
             return self
-        return Tiling(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        fields = self.__dataclass_fields__
+        return Tiling(*(getattr(self, f) if isinstance(getattr(self, f), bool) else getattr(self, f).to(device) for f in fields))
 
 
 def grid_tiling(ay: AxisTiling, ax: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
@@ -231,7 +236,10 @@ def grid_tiling(ay: AxisTiling, ax: AxisTiling) -> tuple[Tiling, Tensor, Tensor]
              + (ay.owner % Ty)[:, None] * Tx + (ax.owner % Tx)[None, :]).reshape(-1)  # (N,)
     assert bool((query_nodes[owner] == torch.arange(Y * X)).all()), "owners must be copies of their node"
     gathers = (RowGather.build(query_nodes, Y * X), RowGather.build(key_nodes, Y * X), RowGather.build(owner, query_nodes.numel()))
-    return Tiling(ay, ax, edge_pos, pos_edge, mask, *gathers), src, dst
+    identity = ay.identity and ax.identity
+    keys_are_queries = identity and torch.equal(key_nodes, query_nodes)
+    full = bool((pos_edge < E).all())
+    return Tiling(ay, ax, edge_pos, pos_edge, mask, *gathers, keys_are_queries, full), src, dst
 
 
 def _neighbors(allowed: Tensor) -> Tensor:
@@ -283,21 +291,21 @@ class _EdgesToDense(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals: Tensor, pos_edge: Tensor, edge_pos: Tensor, fill: float) -> Tensor:
-        ext = torch.cat([vals, vals.new_full((vals.shape[0], 1), fill)], 1)  # (C, E + 1)
+    def forward(ctx, vals: Tensor, pos_edge: Tensor, edge_pos: Tensor, fill: float, full: bool) -> Tensor:
+        ext = vals if full else torch.cat([vals, vals.new_full((vals.shape[0], 1), fill)], 1)  # (C, E [+ 1])
         ctx.save_for_backward(edge_pos)
         return ext.index_select(1, pos_edge)  # (C, P)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (edge_pos,) = ctx.saved_tensors
-        return grad.index_select(1, edge_pos), None, None, None
+        return grad.index_select(1, edge_pos), None, None, None, None
 
 
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> Tensor:
     """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout."""
     vals = vals.reshape(vals.shape[0], -1).t().contiguous()  # (C, E)
-    return _EdgesToDense.apply(vals, tiling.pos_edge, tiling.edge_pos, fill)
+    return _EdgesToDense.apply(vals, tiling.pos_edge, tiling.edge_pos, fill, tiling.full)
 
 
 def sparse_attention(
@@ -317,24 +325,43 @@ def sparse_attention(
     ntx, Tx = tl.x.queries.shape
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
     if tl.identity:  # tiles are blocks of the grid: one permuting copy
-        Q = q.view(H, nty, Ty, ntx, Tx, D).permute(0, 1, 3, 2, 4, 5).reshape(H * T, Qt, D)
+        def blocks(t: Tensor) -> Tensor:
+            return t.view(H, nty, Ty, ntx, Tx, -1).permute(0, 1, 3, 2, 4, 5).reshape(H * T, Qt, t.shape[-1])
+
+        Q = blocks(q)
     else:
         Q = tl.query_nodes(q).view(H * T, Qt, D)
-    K = tl.key_nodes(k).view(H * T, Kt, D)
-    V = tl.key_nodes(v).view(H * T, Kt, Dv)
-    if bias is None:
-        s = torch.matmul((Q * scale).view(H, T, Qt, D), K.view(H, T, Kt, D).transpose(-1, -2))
-        s = s + tl.mask.to(s.dtype)  # (H, T, Qt, Kt): -inf outside each query's keys
+    if tl.keys_are_queries:
+        K, V = blocks(k), blocks(v)
     else:
-        b = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf"))  # (1 or H, T*Qt*Kt)
-        b = b.expand(H, -1).reshape(H * T, Qt, Kt)
-        s = torch.baddbmm(b, Q, K.transpose(1, 2), alpha=scale)  # (H*T, Qt, Kt)
-    a = torch.softmax(s, dim=-1).view(H * T, Qt, Kt)
-    if dropout_p > 0.0:
-        a = F.dropout(a, dropout_p, training=True)
-    if edge_weight is not None:
-        a = a * _edges_to_dense(edge_weight.to(a.dtype), tl, 0.0).view(-1, T, Qt, Kt).expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
-    o = torch.bmm(a, V)  # (H*T, Qt, Dv)
+        K = tl.key_nodes(k).view(H * T, Kt, D)
+        V = tl.key_nodes(v).view(H * T, Kt, Dv)
+    dense_bias = None
+    if bias is not None:
+        dense_bias = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf")).view(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
+    fused = (bias is None or not bias.requires_grad) and edge_weight is None and dropout_p == 0.0 and not return_attention
+    if fused:  # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
+        mask = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
+        o = F.scaled_dot_product_attention(
+            Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), attn_mask=mask, scale=scale
+        ).reshape(H * T, Qt, Dv)
+    else:
+        Q = Q * scale
+        if dense_bias is None:
+            s = torch.bmm(Q, K.transpose(1, 2)).view(H, T, Qt, Kt)
+            s = s.add_(tl.mask.to(s.dtype)).view(H * T, Qt, Kt)  # -inf outside each query's keys
+        else:  # accumulate the scores into the fresh dense bias, in place (its backward needs no values)
+            s = dense_bias.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
+            if dense_bias.shape[0] != H:
+                s = s.contiguous()
+            s = s.baddbmm_(Q, K.transpose(1, 2))  # (H*T, Qt, Kt)
+        a = torch.softmax(s, dim=-1)  # (H*T, Qt, Kt)
+        if dropout_p > 0.0:
+            a = F.dropout(a, dropout_p, training=True)
+        if edge_weight is not None:
+            w = _edges_to_dense(edge_weight.to(a.dtype), tl, 0.0).view(-1, T, Qt, Kt)
+            a = a * w.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
+        o = torch.bmm(a, V)  # (H*T, Qt, Dv)
     if tl.identity:
         o = o.view(H, nty, ntx, Ty, Tx, Dv).permute(0, 1, 3, 2, 4, 5).reshape(H, -1, Dv)  # (H, N, Dv)
     else:

@@ -68,8 +68,7 @@ class _GridAttention(nn.Module):
         q, k, v = (t.transpose(0, 1) for t in qkv)  # (N, B*H, D) each, head-major in memory
         bias = None
         if self.relative_position_bias_table is not None:
-            table = self.relative_position_bias_table.t().repeat(B, 1)  # (B*H, table rows)
-            bias = table.index_select(1, graph.structure.rel_pos_index).t()  # (E, B*H), head-major in memory
+            bias = graph.structure.relative_position_bias(self.relative_position_bias_table, B)  # (E, B*H)
         out = ops.sparse_attention(
             graph, q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop, training=self.training,
             backend=self.backend,

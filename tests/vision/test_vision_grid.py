@@ -133,3 +133,20 @@ def test_window_property(Y, X, w, s):
     got_mask, got_index = dense_of(g)
     assert torch.equal(got_mask, mask) and torch.equal(got_index, index)
     check_order(g)
+
+
+@pytest.mark.parametrize("make", [lambda: neighborhood_graph(9, 8, 3, 2), lambda: window_graph(9, 8, 4, 1)])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_relative_position_bias_gather(make, batch):
+    """structure.relative_position_bias equals table[rel_pos_index] repeated over the batch, grads included."""
+    s = make().structure
+    table = torch.randn(s.table_size, 2, dtype=torch.float64, requires_grad=True)
+    got = s.relative_position_bias(table, batch)
+    ref = table[s.rel_pos_index].repeat(1, batch)
+    assert torch.equal(got, ref)
+    w = torch.randn(ref.shape, dtype=torch.float64)
+    (g1,) = torch.autograd.grad((got * w).sum(), table)
+    (g2,) = torch.autograd.grad((ref * w).sum(), table)
+    assert float((g1 - g2).abs().max()) < 1e-12
+    with pytest.raises(ValueError, match="table"):
+        s.relative_position_bias(torch.zeros(s.table_size + 1, 2))

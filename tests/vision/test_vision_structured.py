@@ -30,13 +30,16 @@ def inputs(g: Graph, H: int, D: int, dtype: torch.dtype, seed: int = 0):
     return q, k, v, bias, ew
 
 
-def run(g, q, k, v, backend, **kw):
-    """Outputs and gradients of a fixed random loss over output and attention."""
-    out, attn = ops.sparse_attention(g, q, k, v, return_attention=True, backend=backend, **kw)
+def run(g, q, k, v, backend, attention=True, **kw):
+    """Outputs and gradients of a fixed random loss over the output (and the attention)."""
+    res = ops.sparse_attention(g, q, k, v, return_attention=attention, backend=backend, **kw)
+    out, attn = res if attention else (res, None)
     gen = torch.Generator().manual_seed(7)
-    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum() + (attn * attn).sum()
+    loss = (out * torch.randn(out.shape, generator=gen, dtype=out.dtype)).sum()
+    if attention:
+        loss = loss + (attn * attn).sum()
     leaves = [q, k, v] + [t for t in kw.values() if isinstance(t, torch.Tensor) and t.requires_grad]
-    return [out, attn, *torch.autograd.grad(loss, leaves)]
+    return [out] + ([attn] if attention else []) + list(torch.autograd.grad(loss, leaves))
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
@@ -57,6 +60,23 @@ def test_structured_equals_torch(name, dtype, extras):
     for n, a, b in zip(names, auto, ref):
         err = float((a - b).detach().abs().max())
         assert err <= tol, f"{name} {dtype} {extras}: {n} differs from the torch backend by {err:.3g}"
+
+
+@pytest.mark.parametrize("name", list(GRAPHS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", ["none", "constant bias"])
+def test_structured_fused_call_equals_torch(name, dtype, bias):
+    """Without attention output, dropout, edge weights or a bias that needs a gradient, the structured
+    backend makes one fused attention call (SDPA); it must agree with the generic path too."""
+    g = GRAPHS[name]()
+    q, k, v, b, _ = inputs(g, H=3, D=8, dtype=dtype, seed=5)
+    kw = {"bias": b.detach()} if bias != "none" else {}
+    auto = run(g, q, k, v, None, attention=False, **kw)
+    ref = run(g, q, k, v, "torch", attention=False, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for n, a, r in zip(["out", "grad q", "grad k", "grad v"], auto, ref):
+        err = float((a - r).detach().abs().max())
+        assert err <= tol, f"{name} {dtype} {bias}: {n} differs from the torch backend by {err:.3g}"
 
 
 def test_structured_is_chosen_automatically():
@@ -94,7 +114,7 @@ def test_additive_score_falls_back():
 def test_attention_dropout():
     """Dropout in the structured path: the output is exactly the returned (dropped) attention applied to v."""
     g = window_graph(8, 8, 4, 2)
-    q, k, v, bias, _ = inputs(g, H=3, D=4, dtype=torch.float64)
+    q, k, v, bias, _ = (t.detach() for t in inputs(g, H=3, D=4, dtype=torch.float64))
     torch.manual_seed(0)
     out, attn = ops.sparse_attention(g, q, k, v, bias=bias, dropout_p=0.5, return_attention=True)
     again = ops.aggregate(g, attn, v, backend="torch")
@@ -121,7 +141,8 @@ def test_structured_property(Y, X, k, d, w, s, window):
     else:
         return
     q, k_, v, bias, _ = inputs(g, H=2, D=3, dtype=torch.float64, seed=Y * 100 + X)
-    auto = run(g, q, k_, v, None, bias=bias)
-    ref = run(g, q, k_, v, "torch", bias=bias)
+    attention = bool((Y + X) % 2)  # half the cases take the fused call
+    auto = run(g, q, k_, v, None, attention, bias=bias)
+    ref = run(g, q, k_, v, "torch", attention, bias=bias)
     for a, b in zip(auto, ref):
         assert float((a - b).detach().abs().max()) < 1e-10
