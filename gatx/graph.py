@@ -286,6 +286,9 @@ class Graph:
 
     def csr(self) -> CSR:
         """Edges grouped by dst (cached): see :class:`CSR`."""
+        if self._csr is None and self._dgl is not None:  # a wrapped DGL graph caches its own CSC: no sort
+            indptr, src, perm = (t.long() for t in self._dgl.adj_tensors("csc"))
+            self._csr = CSR(indptr, perm, src)
         if self._csr is None:
             perm = torch.argsort(self._dst, stable=True)
             indptr = torch.zeros(self._num_dst + 1, dtype=torch.int64, device=self.device)
@@ -295,6 +298,9 @@ class Graph:
 
     def csc(self) -> CSC:
         """Edges grouped by src (cached): see :class:`CSC`."""
+        if self._csc is None and self._dgl is not None:  # DGL's "csr" groups by source
+            indptr, dst, perm = (t.long() for t in self._dgl.adj_tensors("csr"))
+            self._csc = CSC(indptr, perm, dst)
         if self._csc is None:
             perm = torch.argsort(self._src, stable=True)
             indptr = torch.zeros(self._num_src + 1, dtype=torch.int64, device=self.device)
