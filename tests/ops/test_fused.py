@@ -286,3 +286,23 @@ def test_kernel_is_cached_by_source_and_flags(tmp_path, monkeypatch):
     assert path.parent == tmp_path and path.name.startswith("fused_attention-") and path.suffix == ".so"
     monkeypatch.setattr(fused, "FLAGS", fused.FLAGS + ["-DGATX_UNUSED"])
     assert fused.library_path(cxx) != path
+
+
+@pytest.mark.parametrize("block", [False, True])
+def test_graph_from_dgl_reuses_dgls_csr_and_csc(block):
+    from conftest import dgl_or_none
+
+    dgl = dgl_or_none()
+    if dgl is None:
+        pytest.skip("DGL cannot be imported here")
+    gen = torch.Generator().manual_seed(6)
+    n_src, n_dst = 40, (25 if block else 40)
+    src, dst = torch.randint(0, n_src, (300,), generator=gen), torch.randint(0, n_dst, (300,), generator=gen)
+    if block:
+        dg = dgl.create_block((src, dst), num_src_nodes=n_src, num_dst_nodes=n_dst)
+    else:
+        dg = dgl.graph((src, dst), num_nodes=n_src)
+    wrapped, plain = Graph.from_dgl(dg), Graph(src, dst, n_src, n_dst, is_block=block)
+    for x, y in zip(wrapped.csr() + wrapped.csc(), plain.csr() + plain.csc()):
+        assert torch.equal(x, y)  # same grouping, and the same (stable) order inside each row
+    compare(wrapped, 3, 8, torch.float64, "additive", bias=True, weight="E")
