@@ -46,7 +46,7 @@ class GATConv(nn.Module):
         bias: learnable output bias (default True).
         edge_feats: width of optional edge features used in the score (gatx extension, like PyG's
             ``edge_dim``; default None).
-        backend: ``None`` (fastest that can run), ``"torch"`` or ``"dgl"``.
+        backend: ``None`` (fastest that can run), ``"fused"``, ``"dgl"`` or ``"torch"``.
 
     Shapes:
         - input: ``feat`` (N, in_feats) dense or sparse (COO / CSR), or a pair

@@ -33,7 +33,8 @@ class GATv2Conv(nn.Module):
         bias: biases in ``fc_src``, ``fc_dst`` and ``res_fc`` (default True).
         share_weights: ``fc_dst`` is ``fc_src`` (default False).
         edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
-        backend: ``None``, ``"torch"`` or ``"dgl"``.
+        backend: ``None``, ``"dgl"`` or ``"torch"`` (GATv2's per-edge vector score is composed from
+            ``gat_score`` / ``edge_softmax`` / ``aggregate``, which the fused backend does not run).
 
     Shapes:
         - input: ``feat`` (N, in_feats) or a pair ``((N_src, ·), (N_dst, ·))``; ``edge_feat`` (E, edge_feats)
