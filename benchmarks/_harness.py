@@ -69,6 +69,7 @@ def environment(device: str) -> dict[str, Any]:
         "device": dev,
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -77,7 +78,16 @@ def environment(device: str) -> dict[str, Any]:
         "torch_geometric": _version("torch_geometric"),
         "gatx_backends": list(gatx.ops.BACKENDS),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_avg_1min": load_average(),
     }
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (other jobs competing for the cores make timings noisy)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------- memory

@@ -23,8 +23,8 @@ from typing import Any, Callable
 from _harness import Skip, check_and_time, environment, fwd_bwd, log, quiet_import_dgl, reexec_with_malloc_env, write_json
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
-FULL_SIZES = [100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
-QUICK_SIZES = [100, 1000, 10000, 30000]
+FULL_SIZES = [32, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
+QUICK_SIZES = [32, 100, 1000, 10000, 30000]
 TINY_SIZES = [64, 256]
 
 

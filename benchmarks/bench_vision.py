@@ -42,8 +42,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="seconds per timing phase before stopping early (>= 3 reps)")
-    p.add_argument("--dense-max-pixels", type=int, default=3136,
-                   help="largest X*Y for dense attention (default 56*56: B*heads*(XY)^2 scores)")
+    p.add_argument("--dense-max-gib", type=float, default=2.0,
+                   help="largest (YX)^2 mask (+ bias) for dense SDPA, GiB (default 2: 112x112 with a boolean mask)")
+    p.add_argument("--gather-max-gib", type=float, default=6.0,
+                   help="largest estimated peak of the k*k gather, GiB (about 3 x its gathered keys)")
     p.add_argument("--na-rpb", action="store_true",
                    help="neighborhood attention with a relative position bias (dense then uses a float mask)")
     p.add_argument("--all-backends", action="store_true", help="time gatx on every backend, not only the default (full run: on)")
@@ -278,10 +280,16 @@ def run_group(kind: str, cfg: tuple[int, int, int], args: argparse.Namespace, en
 
     def baseline_build(cls: type) -> Callable[[], Any]:
         def build() -> tuple[Callable[[], Any], dict[str, Any]]:
-            if cls is DenseMasked and side * side > args.dense_max_pixels:
-                gib = b * heads * (side * side) ** 2 * 4 / 2**30
-                raise Skip(f"Y*X={side * side} > --dense-max-pixels={args.dense_max_pixels} "
-                           f"(the B x heads x YX x YX scores are {gib:.1f} GiB)")
+            if cls is DenseMasked:
+                per_pair = 1 + (heads * 4 + 8 if rpb else 0)  # bool mask (+ float bias and its table rows)
+                gib = (side * side) ** 2 * per_pair / 2**30
+                if gib > args.dense_max_gib:
+                    raise Skip(f"the (YX)^2 mask{' and bias' if rpb else ''} would take {gib:.1f} GiB "
+                               f"> --dense-max-gib={args.dense_max_gib}")
+            if cls is Gather:
+                gib = 3 * b * dim * side * side * k * k * 4 / 2**30  # measured: peak ~ 3 x the gathered keys
+                if gib > args.gather_max_gib:
+                    raise Skip(f"estimated peak {gib:.1f} GiB > --gather-max-gib={args.gather_max_gib}")
             mod = cls(dim, heads, k, rpb, dev)
             mod.load(state)
             mod.prepare(side, side, dev)

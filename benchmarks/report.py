@@ -133,7 +133,10 @@ def env_line(payload: dict[str, Any], short: bool = False) -> str:
     e = payload["env"]
     line = (f"{e.get('device', '?')} ({e.get('cpu_count')} cores visible, {e.get('threads')} torch threads), "
             f"torch {e.get('torch')}, DGL {e.get('dgl')}, PyG {e.get('torch_geometric')}, gatx {e.get('gatx')}")
-    return line if short else line + f" (backends {', '.join(e.get('gatx_backends', []))}), {e.get('time')}"
+    if short:
+        return line
+    load = f"; 1-min load average {e.get('load_avg_1min')} at the start, {e.get('load_avg_1min_end')} at the end"
+    return line + f" (backends {', '.join(e.get('gatx_backends', []))}), {e.get('time')}{load} ({e.get('cpu_count')} cores)"
 
 
 def write_markdown(payload: dict[str, Any], path: Path) -> None:

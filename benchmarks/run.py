@@ -79,8 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         rows += result["rows"]
         (out_dir / f"{name}.json.tmp").unlink()
     mode = "tiny" if args.tiny else "quick" if args.quick else "full"
-    command = "python benchmarks/run.py" + (f" --{mode}" if mode != "full" else "") + (
-        f" --device {args.device}" if args.device != "cpu" else "")
+    command = " ".join(
+        ([f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else [])
+        + ["python benchmarks/run.py"] + ([f"--{mode}"] if mode != "full" else [])
+        + ([f"--device {args.device}"] if args.device != "cpu" else [])
+        + ([f"--gat-args '{args.gat_args}'"] if args.gat_args else [])
+        + ([f"--vision-args '{args.vision_args}'"] if args.vision_args else []))
+    from _harness import load_average
+
+    env["load_avg_1min_end"] = load_average()
     payload = {"env": env, "mode": mode, "command": command, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     if rows:
