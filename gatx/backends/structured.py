@@ -260,7 +260,7 @@ def tiling_of(graph: Graph) -> Tiling | None:
 
 def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) -> list[str]:
     """Why this backend cannot run the input (empty list: it can)."""
-    if op != "sparse_attention":
+    if op and op != "sparse_attention":
         return [f"the structured backend runs only sparse_attention, not {op}"]
     tiling = tiling_of(graph)
     if tiling is None:

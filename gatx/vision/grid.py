@@ -221,7 +221,7 @@ def window_graph(
 
     >>> g = window_graph(8, 8, 4, shift=2)
     >>> g.num_edges, g.structure
-    (448, GridStructure(window, 8x8, window_size=4, shift=2))
+    (576, GridStructure(window, 8x8, window_size=4, shift=2))
     """
     _check_int(height, "height", 1)
     _check_int(width, "width", 1)

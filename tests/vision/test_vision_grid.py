@@ -150,3 +150,14 @@ def test_relative_position_bias_gather(make, batch):
     assert float((g1 - g2).abs().max()) < 1e-12
     with pytest.raises(ValueError, match="table"):
         s.relative_position_bias(torch.zeros(s.table_size + 1, 2))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import gatx.vision.attention
+    import gatx.vision.grid
+
+    for mod in (gatx.vision.grid, gatx.vision.attention):
+        result = doctest.testmod(mod)
+        assert result.attempted > 0 and result.failed == 0, f"{mod.__name__}: {result.failed} docstring examples failed"
