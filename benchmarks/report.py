@@ -131,7 +131,7 @@ def _checks_and_skips(rows: list[dict[str, Any]]) -> list[str]:
 
 def env_line(payload: dict[str, Any], short: bool = False) -> str:
     e = payload["env"]
-    line = (f"{e.get('device', '?')} ({e.get('cpu_count')} cores visible, {e.get('threads')} torch threads), "
+    line = (f"{e.get('device', '?')} ({e.get('cpu_count')} cores visible, torch threads: {e.get('threads')}), "
             f"torch {e.get('torch')}, DGL {e.get('dgl')}, PyG {e.get('torch_geometric')}, gatx {e.get('gatx')}")
     if short:
         return line
