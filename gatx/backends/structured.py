@@ -6,8 +6,12 @@ query that sees it (k*k times for a k x k neighborhood). When a graph was built 
 tiles, each tile reads one *halo* of keys (the union of its queries' keys), and attention runs as
 one batched matmul-softmax-matmul over all tiles with an additive mask (``-inf`` outside each
 query's key set, plus the per-edge ``bias`` scattered into place). Keys are read once per tile
-instead of once per query. The backward is autograd's, except for the row gathers (keys into halos,
-per-edge values into the dense layout), whose backwards are gathers too instead of scatter-adds.
+instead of once per query. When no (E, H) output or gradient is needed (no returned attention,
+dropout, edge weights, or bias that requires grad), that is one fused ``scaled_dot_product_attention``
+call with the mask (the flash kernel on CPU). Otherwise it is written out (matmul, softmax,
+matmul) and the backward is autograd's, except for the row gathers (keys into halos, per-edge
+values into the dense layout), whose backwards are gathers plus segment sums instead of scatter-adds.
+First-order gradients only (use ``backend="torch"`` for double backward).
 
 The tiling is separable: a grid of Y x X nodes, node ``y * X + x``, and per axis a 1-D tiling; a
 query (y, x) may attend a key (ky, kx) iff ``allowed_y[y, ky] and allowed_x[x, kx]``. This covers
