@@ -1,7 +1,7 @@
 """gatx: sparse graph attention for PyTorch, one kernel family for graphs and images."""
-from . import ops
+from . import ops, vision
 from .graph import CSR, Graph
 from .nn import GATConv, GATv2Conv
 
 __version__ = "0.1.0"
-__all__ = ["CSR", "Graph", "GATConv", "GATv2Conv", "ops", "__version__"]
+__all__ = ["CSR", "Graph", "GATConv", "GATv2Conv", "ops", "vision", "__version__"]

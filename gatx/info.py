@@ -34,7 +34,7 @@ def report() -> str:
         for dev in devices:
             g = Graph(torch.tensor([0]), torch.tensor([0]), validate=True).to(dev)
             why = mod.reasons(g, torch.zeros(1, 1, device=dev))
-            lines.append(f"  {name:6s} {dev:4s} " + ("usable" if not why else "unusable: " + "; ".join(why)))
+            lines.append(f"  {name:10s} {dev:4s} " + ("usable" if not why else "unusable: " + "; ".join(why)))
     return "\n".join(lines)
 
 

@@ -73,4 +73,4 @@ def test_graphbolt_stub_raises_clearly_when_touched():
 def test_info_reports_backends():
     r = subprocess.run([sys.executable, "-m", "gatx.info"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "torch  cpu  usable" in r.stdout and "dgl" in r.stdout
+    assert "torch      cpu  usable" in r.stdout and "dgl" in r.stdout
