@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import as_graph, check_feat, check_zero_in_degree, dropout, linear, rows_prefix
+from ._utils import check_edge_feat, check_zero_in_degree, layer_inputs, linear
 
 
 def head_dot(feat: Tensor, attn: Tensor) -> Tensor:
@@ -148,44 +148,23 @@ class GATConv(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         H, D = self._num_heads, self._out_feats
         backend = backend if backend is not None else self.backend
-        if isinstance(feat, tuple):
-            if len(feat) != 2:
-                raise ValueError(f"feat must be a tensor or a (src_feat, dst_feat) pair, got {len(feat)} items")
-            check_feat(feat[0], self._in_src_feats, None, "src feat")
-            check_feat(feat[1], self._in_dst_feats, None, "dst feat")
-            g = as_graph(graph, feat[0].shape[0], feat[1].shape[0])
-            check_feat(feat[0], self._in_src_feats, g.num_src, "src feat")
-            check_feat(feat[1], self._in_dst_feats, g.num_dst, "dst feat")
-            h_src = dropout(feat[0], self.feat_drop.p, self.training)
-            h_dst = dropout(feat[1], self.feat_drop.p, self.training)
+        g, h_src, h_dst, paired = layer_inputs(
+            graph, feat, self._in_src_feats, self._in_dst_feats, self.feat_drop.p, self.training
+        )
+        if paired:
             fc_src, fc_dst = (self.fc, self.fc) if hasattr(self, "fc") else (self.fc_src, self.fc_dst)
             feat_src = linear(fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
             feat_dst = linear(fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
         else:
-            check_feat(feat, self._in_src_feats, None, "feat")
-            g = as_graph(graph, feat.shape[0], feat.shape[0])
-            check_feat(feat, self._in_src_feats, g.num_src, "feat")
-            if g.num_dst != g.num_src and not g.is_block:
-                raise ValueError(
-                    f"this graph is bipartite ({g.num_src} src, {g.num_dst} dst nodes): pass feat as a "
-                    "(src_feat, dst_feat) pair, or build the graph with is_block=True"
-                )
-            h_src = dropout(feat, self.feat_drop.p, self.training)
             feat_src = linear(self.fc, h_src).view(-1, H, D)  # (N_src, H, D)
             feat_dst = feat_src[: g.num_dst]  # a block's dst nodes are its first src nodes
-            h_dst = rows_prefix(h_src, g.num_dst)
         check_zero_in_degree(g, self._allow_zero_in_degree)
 
         el = head_dot(feat_src, self.attn_l)  # (N_src, H)
         er = head_dot(feat_dst, self.attn_r)  # (N_dst, H)
         ee = None
         if edge_feat is not None:
-            if self.fc_edge is None:
-                raise ValueError("edge_feat was given but the layer was built without edge_feats=...")
-            if edge_feat.dim() != 2 or edge_feat.shape != (g.num_edges, self._edge_feats):
-                raise ValueError(
-                    f"edge_feat must have shape (E={g.num_edges}, edge_feats={self._edge_feats}), got {tuple(edge_feat.shape)}"
-                )
+            check_edge_feat(self, edge_feat, g, self._edge_feats)
             ee = head_dot(self.fc_edge(edge_feat), self.attn_e)  # (E, H)
         res = ops.sparse_attention(
             g, er, el, feat_src, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
