@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = load_planetoid(args.dataset, args.data_dir)
     conv, graph, x, (label, what) = build(args, data)
-    print(f"{data}\n{what}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    print(f"{data}\n{what}; model selection: {args.stop}, patience {args.patience}; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
     runs = []
     for run in range(args.runs):
         r = train_one(args, args.seed + run, conv, graph, x, data, run + 1)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     tests = [100 * r["test"] for r in runs]
     std = statistics.stdev(tests) if len(tests) > 1 else 0.0
     ms = statistics.median(r["ms"] for r in runs)
-    print(f"{args.dataset} | {label} | {args.runs} run(s) | test accuracy "
+    print(f"{args.dataset} | {label} | stop={args.stop} | {args.runs} run(s) | test accuracy "
           f"{statistics.mean(tests):.2f} ± {std:.2f} % | {ms:.1f} ms per train+eval epoch (median)")
     return dict(dataset=args.dataset, impl=label, test_acc=tests, mean=statistics.mean(tests), std=std,
                 ms_per_epoch=ms, runs=runs)
