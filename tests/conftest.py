@@ -50,3 +50,16 @@ def usable_backends(op: str = "sparse_attention", **opts) -> list[str]:
         except Exception:  # noqa: BLE001 - unusable here
             pass
     return out
+
+
+def random_graph(n_src=9, n_dst=7, e=40, seed=0, self_loops=False):
+    """A seeded random (bipartite when n_src != n_dst) graph, optionally with self-loops."""
+    gen = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, n_src, (e,), generator=gen)
+    dst = torch.randint(0, n_dst, (e,), generator=gen)
+    if self_loops:
+        loop = torch.arange(min(n_src, n_dst))
+        src, dst = torch.cat([src, loop]), torch.cat([dst, loop])
+    from gatx import Graph
+
+    return Graph(src, dst, n_src, n_dst)

@@ -3,10 +3,10 @@ gradient) on the compile-time-specialised and generic shapes, dropout with a sha
 and the fallback when it cannot run."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
+from conftest import dgl_or_none, random_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,16 +22,6 @@ def kernel():
     if why is not None and fused._compiler() is None:
         pytest.skip(f"no C++ compiler here: {why}")
     assert why is None, why
-
-
-def random_graph(n_src=9, n_dst=7, e=40, seed=0, self_loops=False):
-    gen = torch.Generator().manual_seed(seed)
-    src = torch.randint(0, n_src, (e,), generator=gen)
-    dst = torch.randint(0, n_dst, (e,), generator=gen)
-    if self_loops:
-        loop = torch.arange(min(n_src, n_dst))
-        src, dst = torch.cat([src, loop]), torch.cat([dst, loop])
-    return Graph(src, dst, n_src, n_dst)
 
 
 def make_inputs(g, H, D, dtype, score, bias, weight, seed=1):
@@ -288,13 +278,10 @@ def test_kernel_is_cached_by_source_and_flags(tmp_path, monkeypatch):
     assert fused.library_path(cxx) != path
 
 
+@pytest.mark.skipif(dgl_or_none() is None, reason="DGL cannot be imported here")
 @pytest.mark.parametrize("block", [False, True])
 def test_graph_from_dgl_reuses_dgls_csr_and_csc(block):
-    from conftest import dgl_or_none
-
     dgl = dgl_or_none()
-    if dgl is None:
-        pytest.skip("DGL cannot be imported here")
     gen = torch.Generator().manual_seed(6)
     n_src, n_dst = 40, (25 if block else 40)
     src, dst = torch.randint(0, n_src, (300,), generator=gen), torch.randint(0, n_dst, (300,), generator=gen)

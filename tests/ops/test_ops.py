@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import usable_backends
+from conftest import usable_backends, random_graph
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,16 +14,6 @@ from gatx import Graph, ops
 
 BACKENDS = usable_backends()
 PRIMITIVE_BACKENDS = usable_backends("edge_softmax")
-
-
-def random_graph(n_src=9, n_dst=7, e=40, seed=0, self_loops=False):
-    gen = torch.Generator().manual_seed(seed)
-    src = torch.randint(0, n_src, (e,), generator=gen)
-    dst = torch.randint(0, n_dst, (e,), generator=gen)
-    if self_loops:
-        loop = torch.arange(min(n_src, n_dst))
-        src, dst = torch.cat([src, loop]), torch.cat([dst, loop])
-    return Graph(src, dst, n_src, n_dst)
 
 
 def dense_reference(g, q, k, v, score, scale=None, bias=None, slope=0.2, edge_weight=None):
