@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import check_edge_feat, check_zero_in_degree, layer_inputs, linear
+from ._utils import check_edge_feat, check_zero_in_degree, dropout, head_dropout_linear, layer_inputs, linear
 
 
 def head_dot(feat: Tensor, attn: Tensor) -> Tensor:
@@ -47,6 +48,12 @@ class GATConv(nn.Module):
         edge_feats: width of optional edge features used in the score (gatx extension, like PyG's
             ``edge_dim``; default None).
         backend: ``None`` (fastest that can run), ``"fused"``, ``"dgl"`` or ``"torch"``.
+        head_feat_drop: draw the ``feat_drop`` mask independently for every head, as the GAT authors'
+            implementation does (each head drops its own copy of the input; keyword only, default
+            False: one mask shared by all heads, as DGL and PyG). A residual branch gets its own mask.
+        value_drop: dropout on the projected features :math:`W h_j` where they are aggregated, not
+            where they are scored (the authors' implementation applies its input dropout rate there
+            too; keyword only, default 0).
 
     Shapes:
         - input: ``feat`` (N, in_feats) dense or sparse (COO / CSR), or a pair
@@ -74,6 +81,9 @@ class GATConv(nn.Module):
         bias: bool = True,
         edge_feats: int | None = None,
         backend: str | None = None,
+        *,
+        head_feat_drop: bool = False,
+        value_drop: float = 0.0,
     ) -> None:
         super().__init__()
         self._num_heads = num_heads
@@ -83,6 +93,10 @@ class GATConv(nn.Module):
         self._negative_slope = negative_slope
         self._edge_feats = edge_feats
         self.backend = backend
+        self.head_feat_drop = head_feat_drop
+        if not 0.0 <= value_drop <= 1.0:
+            raise ValueError(f"value_drop must be a probability in [0, 1], got {value_drop}")
+        self.value_drop = float(value_drop)
         hd = out_feats * num_heads
         if isinstance(in_feats, tuple):
             self.fc_src = nn.Linear(self._in_src_feats, hd, bias=False)
@@ -148,15 +162,21 @@ class GATConv(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         H, D = self._num_heads, self._out_feats
         backend = backend if backend is not None else self.backend
-        g, h_src, h_dst, paired = layer_inputs(
-            graph, feat, self._in_src_feats, self._in_dst_feats, self.feat_drop.p, self.training
+        p = self.feat_drop.p
+        g, h_src, h_dst, paired = layer_inputs(  # per-head masks are drawn in the projection below
+            graph, feat, self._in_src_feats, self._in_dst_feats, 0.0 if self.head_feat_drop else p, self.training
         )
+        if self.head_feat_drop:
+            def project(layer: nn.Linear, x: Tensor) -> Tensor:
+                return head_dropout_linear(layer, x, H, p, self.training)
+        else:
+            project = linear
         if paired:
             fc_src, fc_dst = (self.fc, self.fc) if hasattr(self, "fc") else (self.fc_src, self.fc_dst)
-            feat_src = linear(fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
-            feat_dst = linear(fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
+            feat_src = project(fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
+            feat_dst = project(fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
         else:
-            feat_src = linear(self.fc, h_src).view(-1, H, D)  # (N_src, H, D)
+            feat_src = project(self.fc, h_src).view(-1, H, D)  # (N_src, H, D)
             feat_dst = feat_src[: g.num_dst]  # a block's dst nodes are its first src nodes
         check_zero_in_degree(g, self._allow_zero_in_degree)
 
@@ -166,14 +186,16 @@ class GATConv(nn.Module):
         if edge_feat is not None:
             check_edge_feat(self, edge_feat, g, self._edge_feats)
             ee = head_dot(self.fc_edge(edge_feat), self.attn_e)  # (E, H)
+        values = F.dropout(feat_src, self.value_drop, self.training) if self.value_drop else feat_src  # scores use feat_src
         res = ops.sparse_attention(
-            g, er, el, feat_src, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
+            g, er, el, values, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
             edge_weight=edge_weight, dropout_p=self.attn_drop.p, training=self.training,
             return_attention=get_attention, backend=backend,
         )  # (N_dst, H, D), and (E, H) if get_attention
         rst, a = res if get_attention else (res, None)
         if self.res_fc is not None:
-            rst = rst + linear(self.res_fc, h_dst).view(h_dst.shape[0], -1, D)
+            h_res = dropout(h_dst, p, self.training) if self.head_feat_drop else h_dst
+            rst = rst + linear(self.res_fc, h_res).view(h_dst.shape[0], -1, D)
         if self.has_explicit_bias:
             rst = rst + self.bias.view(1, H, D)
         if self.activation is not None:
@@ -190,5 +212,9 @@ class GATConv(nn.Module):
             s += ", allow_zero_in_degree=True"
         if self.backend is not None:
             s += f", backend={self.backend!r}"
+        if self.head_feat_drop:
+            s += ", head_feat_drop=True"
+        if self.value_drop:
+            s += f", value_drop={self.value_drop}"
         return s
 
