@@ -132,3 +132,31 @@ def test_bad_value_drop_and_repr():
         gatx.GATConv(8, 4, 2, 0.0, 0.0, 0.2, False, None, False, True, None, None, True)  # keyword only
     r = repr(gatx.GATConv(8, 4, 2, head_feat_drop=True, value_drop=0.6))
     assert "in_feats=(8, 8), out_feats=4, num_heads=2, head_feat_drop=True, value_drop=0.6\n" in r
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_bipartite_and_block_inputs(residual):
+    """Per-head masks for a (src, dst) pair and for a block (dst nodes = the first src nodes);
+    in eval mode both equal the plain layer."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    src, dst = torch.randint(0, 9, (30,), generator=gen), torch.randint(0, 5, (30,), generator=gen)
+    bip, block = Graph(src, dst, 9, 5), Graph(src, dst, 9, 5, is_block=True)
+    plain = gatx.GATConv((6, 4), 3, 2, feat_drop=0.5, residual=residual, allow_zero_in_degree=True)
+    paper = gatx.GATConv((6, 4), 3, 2, feat_drop=0.5, residual=residual, allow_zero_in_degree=True,
+                         head_feat_drop=True, value_drop=0.5)
+    paper.load_state_dict(plain.state_dict())
+    pair = (torch.randn(9, 6), torch.randn(5, 4))
+    out = paper(bip, pair)
+    assert out.shape == (5, 2, 3) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert paper.fc_src.weight.grad is not None and paper.fc_dst.weight.grad is not None
+    plain.eval(), paper.eval()
+    assert (paper(bip, pair) - plain(bip, pair)).abs().max() < 1e-6
+    homo = gatx.GATConv(6, 3, 2, feat_drop=0.5, residual=residual, allow_zero_in_degree=True, head_feat_drop=True)
+    x = torch.randn(9, 6)
+    assert homo(block, x).shape == (5, 2, 3)
+    homo.eval()
+    ref = gatx.GATConv(6, 3, 2, residual=residual, allow_zero_in_degree=True)
+    ref.load_state_dict(homo.state_dict())
+    assert (homo(block, x) - ref.eval()(block, x)).abs().max() < 1e-6
