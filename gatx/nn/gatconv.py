@@ -51,6 +51,8 @@ class GATConv(nn.Module):
         head_feat_drop: draw the ``feat_drop`` mask independently for every head, as the GAT authors'
             implementation does (each head drops its own copy of the input; keyword only, default
             False: one mask shared by all heads, as DGL and PyG). A residual branch gets its own mask.
+            Training then costs H projections of width D instead of one of width H*D (sparse input
+            stays sparse; dense input is masked per head).
         value_drop: dropout on the projected features :math:`W h_j` where they are aggregated, not
             where they are scored (the authors' implementation applies its input dropout rate there
             too; keyword only, default 0).
