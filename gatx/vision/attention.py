@@ -61,7 +61,13 @@ class _GridAttention(nn.Module):
         if self.relative_position_bias_table is not None:
             nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
-    def _attend(self, x: Tensor, graph: Graph) -> Tensor:
+    def grid_graph(self, height: int, width: int, device: torch.device) -> Graph:
+        """The (cached) grid graph this module attends over, for a height x width feature map."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_input(x, self.dim, type(self).__name__)
+        graph = self.grid_graph(x.shape[1], x.shape[2], x.device)
         B, Y, X, C = x.shape
         H, D, N = self.num_heads, self.head_dim, Y * X
         qkv = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)  # (3, B*H, N, D)
@@ -75,6 +81,11 @@ class _GridAttention(nn.Module):
         )  # (N, B*H, D)
         out = out.transpose(0, 1).reshape(B, H, Y, X, D).permute(0, 2, 3, 1, 4).reshape(B, Y, X, C)
         return self.proj_drop(self.proj(out))
+
+    def _common_repr(self) -> str:
+        s = f", qk_scale={self.qk_scale}" if self.qk_scale is not None else ""
+        s += f", attn_drop={self.attn_drop}" if self.attn_drop else ""
+        return s + (f", backend={self.backend!r}" if self.backend is not None else "")
 
 
 class NeighborhoodAttention2d(_GridAttention):
@@ -123,10 +134,8 @@ class NeighborhoodAttention2d(_GridAttention):
         self.dilation = dilation
         super().__init__(dim, num_heads, kernel_size, qkv_bias, qk_scale, attn_drop, proj_drop, rel_pos_bias, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_input(x, self.dim, type(self).__name__)
-        graph = neighborhood_graph(x.shape[1], x.shape[2], self.kernel_size, self.dilation, device=x.device)
-        return self._attend(x, graph)
+    def grid_graph(self, height: int, width: int, device: torch.device) -> Graph:
+        return neighborhood_graph(height, width, self.kernel_size, self.dilation, device=device)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         rpb = state_dict.pop(prefix + "rpb", None)
@@ -138,13 +147,7 @@ class NeighborhoodAttention2d(_GridAttention):
         s = f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={self.kernel_size}, dilation={self.dilation}"
         if self.relative_position_bias_table is None:
             s += ", rel_pos_bias=False"
-        if self.qk_scale is not None:
-            s += f", qk_scale={self.qk_scale}"
-        if self.attn_drop:
-            s += f", attn_drop={self.attn_drop}"
-        if self.backend is not None:
-            s += f", backend={self.backend!r}"
-        return s
+        return s + self._common_repr()
 
 
 class WindowAttention(_GridAttention):
@@ -190,10 +193,8 @@ class WindowAttention(_GridAttention):
         self.shift_size = shift_size
         super().__init__(dim, num_heads, window_size, qkv_bias, qk_scale, attn_drop, proj_drop, True, backend)
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check_input(x, self.dim, type(self).__name__)
-        graph = window_graph(x.shape[1], x.shape[2], self.window_size, self.shift_size, device=x.device)
-        return self._attend(x, graph)
+    def grid_graph(self, height: int, width: int, device: torch.device) -> Graph:
+        return window_graph(height, width, self.window_size, self.shift_size, device=device)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         state_dict.pop(prefix + "relative_position_index", None)  # Swin's buffer; gatx keeps it in the graph
@@ -203,10 +204,4 @@ class WindowAttention(_GridAttention):
         s = f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}"
         if self.shift_size:
             s += f", shift_size={self.shift_size}"
-        if self.qk_scale is not None:
-            s += f", qk_scale={self.qk_scale}"
-        if self.attn_drop:
-            s += f", attn_drop={self.attn_drop}"
-        if self.backend is not None:
-            s += f", backend={self.backend!r}"
-        return s
+        return s + self._common_repr()
