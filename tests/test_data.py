@@ -114,7 +114,7 @@ def test_manifest_pins_the_shared_files(shared_datasets):
 
 def test_data_dir_resolution(monkeypatch, tmp_path):
     monkeypatch.delenv(data.ENV_DIR, raising=False)
-    assert data.data_dir() == Path(data.__file__).resolve().parents[1] / "datasets"
+    assert data.data_dir() == Path(__file__).resolve().parents[1] / "datasets"  # the checkout's datasets/
     monkeypatch.setenv(data.ENV_DIR, str(tmp_path / "env"))
     assert data.data_dir() == tmp_path / "env"
     assert data.data_dir(tmp_path / "arg") == tmp_path / "arg"

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data_manifest import FILES, Entry
-from .graph import Graph
+from ..data_manifest import FILES, Entry
+from ..graph import Graph
 
 __all__ = [
     "Planetoid", "load_planetoid", "load_mnist", "row_normalize", "data_dir", "fetch",
@@ -46,7 +46,7 @@ __all__ = [
 
 ENV_DIR = "GATX_DATA_DIR"
 ENV_MIRROR = "GATX_DATA_MIRROR"
-_REPO_DATASETS = Path(__file__).resolve().parents[1] / "datasets"
+_REPO_DATASETS = Path(__file__).resolve().parents[2] / "datasets"
 _PLANETOID_PARTS = ("x", "tx", "allx", "y", "ty", "ally", "graph", "test.index")
 _CHUNK = 1 << 20
 
