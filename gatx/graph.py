@@ -173,6 +173,34 @@ class Graph:
         return cls(edge_index[0], edge_index[1], num_nodes, num_nodes)
 
     @classmethod
+    def from_csr(cls, indptr: Tensor, src: Tensor, num_src: int | None = None) -> "Graph":
+        """From edges already grouped by destination: dst node ``i`` has the in-edges
+        ``indptr[i]:indptr[i + 1]``, whose sources are ``src[indptr[i]:indptr[i + 1]]``.
+
+        Edge ids follow that order, so the CSR is known without a sort (what a graph built per
+        forward pass, e.g. by routing, wants). ``num_src`` defaults to ``num_dst = len(indptr) - 1``.
+
+        >>> g = Graph.from_csr(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1]))
+        >>> g.dst.tolist(), g.num_src
+        ([0, 0, 1], 2)
+        """
+        indptr = _as_index(indptr, "indptr")
+        if indptr.numel() == 0 or int(indptr[0]) != 0:
+            raise ValueError(f"indptr must start at 0 and have num_dst + 1 entries, got {indptr[:1].tolist()}")
+        counts = indptr.diff()  # (num_dst,)
+        if counts.numel() and int(counts.min()) < 0:
+            raise ValueError("indptr must be non-decreasing (it holds row offsets)")
+        src_t = _as_index(src, "src")
+        if int(indptr[-1]) != src_t.numel():
+            raise ValueError(f"indptr[-1] must equal the number of edges, got {int(indptr[-1])} and {src_t.numel()} sources")
+        num_dst = counts.numel()
+        dst = torch.repeat_interleave(torch.arange(num_dst, device=indptr.device), counts)  # (E,)
+        graph = cls(src_t, dst.to(src_t.device), num_src if num_src is not None else num_dst, num_dst)
+        graph._in_deg = counts
+        graph._csr = CSR(indptr.to(src_t.device), torch.arange(src_t.numel(), device=src_t.device), graph._src)
+        return graph
+
+    @classmethod
     def from_dgl(cls, g: Any) -> "Graph":
         """From a homogeneous ``dgl.DGLGraph`` or a sampling block; edge ids are kept."""
         if len(g.canonical_etypes) != 1:

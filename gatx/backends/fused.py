@@ -181,7 +181,11 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     if any(t is not None and (t.is_sparse or t.layout != torch.strided) for t in tensors):
         out.append("the fused backend needs dense (strided) tensors")
     score = opts.get("score")
-    if score is not None and len(tensors) >= 3:
+    if score == "given":
+        logits = opts.get("logits")
+        if logits is not None and logits.dim() != 2:
+            out.append(f"the fused backend needs logits of shape (E, H), got {tuple(logits.shape)}")
+    elif score is not None and len(tensors) >= 3:
         q, k, v = tensors[:3]
         want = 3 if score == "dot" else 2
         if q.dim() != want or k.dim() != want:
@@ -267,8 +271,8 @@ class _FusedAttention(torch.autograd.Function):
         return dq, dk, dv, db, dw, None, None, None, None, None, None, None
 
 
-def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: str, scale: float | None,
-                     bias: Tensor | None, negative_slope: float, edge_weight: Tensor | None, dropout_p: float,
+def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor, *, score: str,
+                     logits: Tensor | None, scale: float | None, bias: Tensor | None, negative_slope: float, edge_weight: Tensor | None, dropout_p: float,
                      return_attention: bool) -> Tensor | tuple[Tensor, Tensor]:
     """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op)."""
     H = v.shape[1]
@@ -281,8 +285,15 @@ def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: st
         else:  # F.dropout(p=1) draws nothing and zeroes everything
             keep = torch.zeros((graph.num_edges, H), dtype=torch.bool)
         keep = keep.view(torch.uint8)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     E = graph.num_edges
+    if score == "given":
+        # given logits run as the additive kernel with zero node terms and slope 1:
+        # z = 0 + 0 + (scale * logits + bias), s = z exactly; gradients reach logits and bias through autograd
+        given = logits * scale if scale != 1.0 else logits
+        bias = given + bias if bias is not None else given
+        q, k = v.new_zeros((graph.num_dst, H)), v.new_zeros((graph.num_src, H))
+        score, scale, negative_slope = "additive", 1.0, 1.0
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bias = bias.expand(E, H).contiguous() if bias is not None else None  # (E, H); (E, 1) broadcasts
     if edge_weight is not None and edge_weight.dim() == 2 and edge_weight.shape[1] == 1 and H != 1:
         edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads

@@ -95,11 +95,12 @@ def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = No
 
 def sparse_attention(
     graph: Graph,
-    q: Tensor,
-    k: Tensor,
+    q: Tensor | None,
+    k: Tensor | None,
     v: Tensor,
     *,
     score: str = "dot",
+    logits: Tensor | None = None,
     scale: float | None = None,
     bias: Tensor | None = None,
     negative_slope: float = 0.2,
@@ -115,21 +116,40 @@ def sparse_attention(
     with q (num_dst, H, D), k (num_src, H, D), ``scale`` default :math:`1/\\sqrt{D}`.
     ``score="additive"`` (GAT): :math:`s_e = \\mathrm{LeakyReLU}(k_j + q_i + b_e)` with per-node
     scalars q (num_dst, H) (``er``) and k (num_src, H) (``el``).
+    ``score="given"`` (generated logits, e.g. VOLO's outlook attention): :math:`s_e = \\mathrm{scale}\\,
+    \\ell_e + b_e` with ``logits`` :math:`\\ell` of shape (E, H) and ``scale`` default 1; pass
+    ``q=None, k=None``.
 
     Then :math:`a = \\mathrm{softmax}_{\\mathrm{in}(i)}(s)`, dropout, times ``edge_weight``, and
     :math:`o_i = \\sum_{e: j \\to i} a_e v_j`.
 
+    Edges are counted one by one: a duplicate edge (the same key twice for one query, e.g. from
+    reflection padding) takes its own share of the softmax and contributes its value twice.
+
     Args:
-        v: (num_src, H, D) values. bias: optional (E, H) per-edge score term (relative position
-        bias, edge features). edge_weight: optional (E,) or (E, H) factor applied after the softmax.
+        v: (num_src, H, D) values. logits: (E, H) scores for ``score="given"``. bias: optional (E, H)
+        per-edge score term (relative position bias, edge features). edge_weight: optional (E,) or
+        (E, H) factor applied after the softmax.
 
     Returns: (num_dst, H, D) outputs, and the (E, H) attention if ``return_attention``.
     """
     _check_graph(graph)
-    if score not in ("dot", "additive"):
-        raise ValueError(f"score must be 'dot' or 'additive', got {score!r}")
+    if score not in ("dot", "additive", "given"):
+        raise ValueError(f"score must be 'dot', 'additive' or 'given', got {score!r}")
     _check_rows(v, graph.num_src, "v", "num_src", graph, 3)
-    if score == "dot":
+    if score == "given":
+        if q is not None or k is not None:
+            raise ValueError("score='given' scores edges by the logits= argument; pass q=None and k=None")
+        if logits is None:
+            raise ValueError(f"score='given' needs logits= of shape (E={graph.num_edges}, H)")
+        _check_rows(logits, graph.num_edges, "logits", "E", graph)
+        if logits.dim() != 2:
+            raise ValueError(f"logits must have shape (E={graph.num_edges}, H), got {tuple(logits.shape)}")
+        _check_heads(logits, v, "logits", "v")
+        scale = scale if scale is not None else 1.0
+    elif logits is not None:
+        raise ValueError(f"logits= is used only with score='given', got score={score!r}")
+    elif score == "dot":
         _check_rows(q, graph.num_dst, "q", "num_dst", graph, 3)
         _check_rows(k, graph.num_src, "k", "num_src", graph, 3)
         if q.shape[1:] != k.shape[1:]:
@@ -139,17 +159,18 @@ def sparse_attention(
         _check_rows(q, graph.num_dst, "q", "num_dst", graph)
         _check_rows(k, graph.num_src, "k", "num_src", graph)
         _check_heads(q, k, "q", "k")
-    _check_heads(k, v, "k", "v")
+    if score != "given":
+        _check_heads(k, v, "k", "v")
     if bias is not None:
         _check_rows(bias, graph.num_edges, "bias", "E", graph)
     if edge_weight is not None and (edge_weight.shape[0] != graph.num_edges or edge_weight.dim() > 2):
         raise ValueError(f"edge_weight must have shape (E={graph.num_edges},) or (E, H), got {tuple(edge_weight.shape)}")
     dropout_p = dropout_p if training else 0.0
     opts = dict(
-        score=score, scale=scale, bias=bias, negative_slope=negative_slope, edge_weight=edge_weight,
+        score=score, logits=logits, scale=scale, bias=bias, negative_slope=negative_slope, edge_weight=edge_weight,
         dropout_p=dropout_p, return_attention=return_attention,
     )
-    mod = select(backend, graph, q, k, v, bias, edge_weight, op="sparse_attention", **opts)
+    mod = select(backend, graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
     fused = getattr(mod, "sparse_attention", None)
     if fused is not None:
         return fused(graph, q, k, v, **opts)
@@ -157,13 +178,18 @@ def sparse_attention(
 
 
 def compose(
-    mod: ModuleType, graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: str, scale: float | None,
+    mod: ModuleType, graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor, *, score: str,
+    logits: Tensor | None, scale: float | None,
     bias: Tensor | None, negative_slope: float, edge_weight: Tensor | None, dropout_p: float,
     return_attention: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``sparse_attention`` from a backend's primitives (inputs already validated)."""
     if score == "dot":
         s = mod.dot_score(graph, q, k) * scale  # (E, H)
+        if bias is not None:
+            s = s + bias
+    elif score == "given":
+        s = logits * scale if scale != 1.0 else logits  # (E, H)
         if bias is not None:
             s = s + bias
     else:
