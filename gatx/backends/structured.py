@@ -315,6 +315,7 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> Tensor:
 def sparse_attention(
     graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: str, scale: float, bias: Tensor | None,
     negative_slope: float, edge_weight: Tensor | None, dropout_p: float, return_attention: bool,
+    logits: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``gatx.ops.sparse_attention`` (score="dot") as batched dense attention over the graph's tiles.
 
