@@ -97,3 +97,14 @@ FILES: dict[str, Entry] = {
         "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", "ec29112dd5afa0611ce80d1b7f02629c",
     ),
 }
+
+# OGB node-property zips (gatx.data.ogb), URLs from OGB's ogb/nodeproppred/master.csv. OGB publishes
+# no checksums and no copy could be downloaded here to hash, so nothing is pinned: trust on first use.
+# (Third-party code cites sha256 49f85c801589ecdcc52cfaca99693aaea7b8af16a9ac3f41dd85a5f3193fe276 for
+# arxiv.zip and 5ea0a112edaec2141c0a2a612dd4aed58df97ff3e1ab1a0ca8238f43cbbb50a8 for products.zip;
+# not verified against the files, so not pinned.)
+_OGB = "https://snap.stanford.edu/ogb/data/nodeproppred/"
+FILES.update({
+    "ogb/arxiv.zip": Entry(_OGB + "arxiv.zip", None, None),
+    "ogb/products.zip": Entry(_OGB + "products.zip", None, None),
+})
