@@ -1,4 +1,4 @@
-"""Shared input handling for the graph layers: graph coercion, feature checks, sparse features."""
+"""Shared helpers of the graph layers: graph coercion, dropout and projections that keep sparse features sparse."""
 from __future__ import annotations
 
 import weakref
@@ -47,22 +47,6 @@ def as_graph(graph: Any, num_src: int, num_dst: int) -> Graph:
 
 def is_sparse(x: Tensor) -> bool:
     return x.layout in (torch.sparse_coo, torch.sparse_csr)
-
-
-def check_feat(x: Any, width: int, rows: int | None, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, in_feats={width}), got {tuple(x.shape)}")
-    if x.shape[1] != width:
-        raise ValueError(
-            f"{name} has {x.shape[1]} features per node but the layer was built with in_feats={width}; "
-            "construct the layer with the matching in_feats"
-        )
-    if rows is not None and x.shape[0] != rows:
-        raise ValueError(f"{name} has {x.shape[0]} rows but the graph has {rows} such nodes")
-    if not is_sparse(x) and not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -202,6 +186,11 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     return out + layer.bias if layer.bias is not None else out
 
 
+def flat(x: Tensor) -> Tensor:
+    """(N, *, F) -> (N * prod(*), F) for a projection; 2-D (and sparse) features are returned as they are."""
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
 def rows_prefix(x: Tensor, n: int) -> Tensor:
     """The first n rows (a block's dst nodes), for dense and sparse features alike."""
     if x.shape[0] == n:
@@ -209,51 +198,3 @@ def rows_prefix(x: Tensor, n: int) -> Tensor:
     if not is_sparse(x):
         return x[:n]
     return x.to_sparse_coo().index_select(0, torch.arange(n, device=x.device))
-
-
-def check_zero_in_degree(graph: Graph, allow: bool) -> None:
-    if allow or graph.num_dst == 0:
-        return
-    missing = int((graph.in_degrees() == 0).sum())
-    if missing:
-        raise ValueError(
-            f"{missing} dst nodes have no incoming edge, so their output would be invalid; add "
-            "self-loops with graph.add_self_loops() (dgl.add_self_loop(g) for a DGL graph) or pass "
-            "allow_zero_in_degree=True to give them zeros"
-        )
-
-
-def layer_inputs(
-    graph: Any, feat: Tensor | tuple[Tensor, Tensor], in_src: int, in_dst: int, p: float, training: bool
-) -> tuple[Graph, Tensor, Tensor, bool]:
-    """Validate a layer's (graph, feat), build the Graph and apply input dropout.
-
-    Returns ``(graph, h_src, h_dst, paired)``: ``paired`` says feat was a (src, dst) pair; otherwise
-    ``h_dst`` is the first ``num_dst`` rows of ``h_src`` (a block's dst nodes are its first src nodes).
-    """
-    if isinstance(feat, tuple):
-        if len(feat) != 2:
-            raise ValueError(f"feat must be a tensor or a (src_feat, dst_feat) pair, got {len(feat)} items")
-        check_feat(feat[0], in_src, None, "src feat")
-        check_feat(feat[1], in_dst, None, "dst feat")
-        g = as_graph(graph, feat[0].shape[0], feat[1].shape[0])
-        check_feat(feat[0], in_src, g.num_src, "src feat")
-        check_feat(feat[1], in_dst, g.num_dst, "dst feat")
-        return g, dropout(feat[0], p, training), dropout(feat[1], p, training), True
-    check_feat(feat, in_src, None, "feat")
-    g = as_graph(graph, feat.shape[0], feat.shape[0])
-    check_feat(feat, in_src, g.num_src, "feat")
-    if g.num_dst != g.num_src and not g.is_block:
-        raise ValueError(
-            f"this graph is bipartite ({g.num_src} src, {g.num_dst} dst nodes): pass feat as a "
-            "(src_feat, dst_feat) pair, or build the graph with is_block=True"
-        )
-    h_src = dropout(feat, p, training)
-    return g, h_src, rows_prefix(h_src, g.num_dst), False
-
-
-def check_edge_feat(layer: nn.Module, edge_feat: Tensor, graph: Graph, width: int | None) -> None:
-    if layer.fc_edge is None:
-        raise ValueError("edge_feat was given but the layer was built without edge_feats=...")
-    if edge_feat.dim() != 2 or edge_feat.shape != (graph.num_edges, width):
-        raise ValueError(f"edge_feat must have shape (E={graph.num_edges}, edge_feats={width}), got {tuple(edge_feat.shape)}")

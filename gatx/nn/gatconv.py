@@ -8,16 +8,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import check_edge_feat, check_zero_in_degree, dropout, head_dropout_linear, layer_inputs, linear
+from ._inputs import (
+    check_edge_feat, check_in_feats, check_prob, check_width, check_zero_in_degree, fold, layer_inputs,
+)
+from ._utils import dropout, flat, head_dropout_linear, linear
 
 
 def head_dot(feat: Tensor, attn: Tensor) -> Tensor:
-    """(N, H) = ``(feat.view(N, H, D) * attn).sum(-1)`` for attn (1, H, D), as one GEMM with a
-    block-diagonal (H*D, H) matrix: no (N, H, D) temporary, forward or backward (2x faster on CPU)."""
+    """(N, S*H) = ``(feat.view(N, S, H, D) * attn).sum(-1)`` for feat (N, S*H, D) and attn (1, H, D),
+    as one GEMM with a block-diagonal (H*D, H) matrix: no (N, S*H, D) temporary, forward or backward
+    (2x faster on CPU)."""
     H, D = attn.shape[1], attn.shape[2]
     eye = torch.eye(H, dtype=attn.dtype, device=attn.device)
     blocks = (attn[0].unsqueeze(-1) * eye.unsqueeze(1)).reshape(H * D, H)  # (H*D, H)
-    return feat.reshape(-1, H * D) @ blocks
+    return (feat.reshape(-1, H * D) @ blocks).view(feat.shape[0], -1)  # (N*S, H) -> (N, S*H)
+
+
+def per_edge_heads(t: Tensor | None, heads: int, copies: int) -> Tensor | None:
+    """A per-edge (E, H) tensor repeated for the S folded copies of the heads -> (E, S*H)."""
+    if t is None or copies == 1 or not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] != heads:
+        return t
+    return t.repeat(1, copies)
 
 
 class GATConv(nn.Module):
@@ -58,9 +69,18 @@ class GATConv(nn.Module):
             too; keyword only, default 0).
 
     Shapes:
-        - input: ``feat`` (N, in_feats) dense or sparse (COO / CSR), or a pair
-          ``((N_src, src_width), (N_dst, dst_width))``; ``edge_weight`` (E,); ``edge_feat`` (E, edge_feats)
-        - output: (N_dst, H, D), and attention (E, H, 1) if ``get_attention``
+        - input: ``feat`` (N, *, in_feats) dense, or (N, in_feats) sparse (COO / CSR), or a pair
+          ``((N_src, *, src_width), (N_dst, *, dst_width))`` with the same ``*``; ``edge_weight`` (E,)
+          (also (E, 1) or (E, H)); ``edge_feat`` (E, edge_feats). Features must have the dtype and device
+          of the layer's parameters.
+        - output: (N_dst, *, H, D), and attention (E, *, H, 1) if ``get_attention``. As in DGL, each
+          index of ``*`` is an independent copy of the attention (it runs as ``S * H`` heads,
+          ``S = prod(*)``); ``edge_weight`` and ``edge_feat`` are shared by all copies.
+
+    Raises:
+        ZeroInDegreeError: (a ``ValueError``; also a ``dgl.DGLError`` when DGL is imported) when a dst
+            node has no in-edge and ``allow_zero_in_degree`` is False. With ``residual=True`` and no dst
+            nodes the residual is skipped, as current DGL does.
 
     >>> import torch, gatx
     >>> g = gatx.Graph(torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 0]))
@@ -88,17 +108,18 @@ class GATConv(nn.Module):
         value_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self._num_heads = num_heads
-        self._in_src_feats, self._in_dst_feats = in_feats if isinstance(in_feats, tuple) else (in_feats, in_feats)
-        self._out_feats = out_feats
+        self._in_src_feats, self._in_dst_feats = check_in_feats(in_feats)
+        self._num_heads = num_heads = check_width(num_heads, "num_heads")
+        self._out_feats = out_feats = check_width(out_feats, "out_feats")
+        if edge_feats is not None:
+            edge_feats = check_width(edge_feats, "edge_feats")
+        feat_drop, attn_drop = check_prob(feat_drop, "feat_drop"), check_prob(attn_drop, "attn_drop")
         self._allow_zero_in_degree = allow_zero_in_degree
         self._negative_slope = negative_slope
         self._edge_feats = edge_feats
         self.backend = backend
         self.head_feat_drop = head_feat_drop
-        if not 0.0 <= value_drop <= 1.0:
-            raise ValueError(f"value_drop must be a probability in [0, 1], got {value_drop}")
-        self.value_drop = float(value_drop)
+        self.value_drop = check_prob(value_drop, "value_drop")
         hd = out_feats * num_heads
         if isinstance(in_feats, tuple):
             self.fc_src = nn.Linear(self._in_src_feats, hd, bias=False)
@@ -165,44 +186,48 @@ class GATConv(nn.Module):
         H, D = self._num_heads, self._out_feats
         backend = backend if backend is not None else self.backend
         p = self.feat_drop.p
-        g, h_src, h_dst, paired = layer_inputs(  # per-head masks are drawn in the projection below
-            graph, feat, self._in_src_feats, self._in_dst_feats, 0.0 if self.head_feat_drop else p, self.training
+        g, h_src, h_dst, paired, prefix = layer_inputs(  # per-head masks are drawn in the projection below
+            graph, feat, self._in_src_feats, self._in_dst_feats, 0.0 if self.head_feat_drop else p, self.training,
+            self.attn_l,
         )
+        S = fold(prefix)  # (N, *, F) input: the * dimensions are folded into the heads, (N, S*H, D)
         if self.head_feat_drop:
             def project(layer: nn.Linear, x: Tensor) -> Tensor:
-                return head_dropout_linear(layer, x, H, p, self.training)
+                return head_dropout_linear(layer, flat(x), H, p, self.training)
         else:
-            project = linear
+            def project(layer: nn.Module, x: Tensor) -> Tensor:
+                return linear(layer, flat(x))
         if paired:
             fc_src, fc_dst = (self.fc, self.fc) if hasattr(self, "fc") else (self.fc_src, self.fc_dst)
-            feat_src = project(fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
-            feat_dst = project(fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
+            feat_src = project(fc_src, h_src).view(g.num_src, S * H, D)  # (N_src, S*H, D)
+            feat_dst = project(fc_dst, h_dst).view(g.num_dst, S * H, D)  # (N_dst, S*H, D)
         else:
-            feat_src = project(self.fc, h_src).view(-1, H, D)  # (N_src, H, D)
+            feat_src = project(self.fc, h_src).view(g.num_src, S * H, D)  # (N_src, S*H, D)
             feat_dst = feat_src[: g.num_dst]  # a block's dst nodes are its first src nodes
         check_zero_in_degree(g, self._allow_zero_in_degree)
 
-        el = head_dot(feat_src, self.attn_l)  # (N_src, H)
-        er = head_dot(feat_dst, self.attn_r)  # (N_dst, H)
+        el = head_dot(feat_src, self.attn_l)  # (N_src, S*H)
+        er = head_dot(feat_dst, self.attn_r)  # (N_dst, S*H)
         ee = None
         if edge_feat is not None:
-            check_edge_feat(self, edge_feat, g, self._edge_feats)
-            ee = head_dot(self.fc_edge(edge_feat), self.attn_e)  # (E, H)
+            check_edge_feat(self, edge_feat, g, self._edge_feats, self.attn_l)
+            ee = per_edge_heads(head_dot(self.fc_edge(edge_feat).view(g.num_edges, H, D), self.attn_e), H, S)  # (E, S*H)
         values = F.dropout(feat_src, self.value_drop, self.training) if self.value_drop else feat_src  # scores use feat_src
         res = ops.sparse_attention(
             g, er, el, values, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
-            edge_weight=edge_weight, dropout_p=self.attn_drop.p, training=self.training,
+            edge_weight=per_edge_heads(edge_weight, H, S), dropout_p=self.attn_drop.p, training=self.training,
             return_attention=get_attention, backend=backend,
-        )  # (N_dst, H, D), and (E, H) if get_attention
+        )  # (N_dst, S*H, D), and (E, S*H) if get_attention
         rst, a = res if get_attention else (res, None)
-        if self.res_fc is not None:
+        rst = rst.view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
+        if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
             h_res = dropout(h_dst, p, self.training) if self.head_feat_drop else h_dst
-            rst = rst + linear(self.res_fc, h_res).view(h_dst.shape[0], -1, D)
+            rst = rst + linear(self.res_fc, flat(h_res)).view(g.num_dst, *prefix, -1, D)
         if self.has_explicit_bias:
-            rst = rst + self.bias.view(1, H, D)
+            rst = rst + self.bias.view(H, D)
         if self.activation is not None:
             rst = self.activation(rst)
-        return (rst, a.unsqueeze(-1)) if get_attention else rst
+        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
 
     def extra_repr(self) -> str:
         s = f"in_feats={(self._in_src_feats, self._in_dst_feats)}, out_feats={self._out_feats}, num_heads={self._num_heads}"

@@ -8,7 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
-from ._utils import check_edge_feat, check_zero_in_degree, layer_inputs, linear
+from ._inputs import (
+    check_edge_feat, check_in_feats, check_prob, check_width, check_zero_in_degree, fold, layer_inputs,
+)
+from ._utils import flat, linear
 
 
 class GATv2Conv(nn.Module):
@@ -37,8 +40,14 @@ class GATv2Conv(nn.Module):
             ``gat_score`` / ``edge_softmax`` / ``aggregate``, which the fused backend does not run).
 
     Shapes:
-        - input: ``feat`` (N, in_feats) or a pair ``((N_src, ·), (N_dst, ·))``; ``edge_feat`` (E, edge_feats)
-        - output: (N_dst, H, D), and attention (E, H, 1) if ``get_attention``
+        - input: ``feat`` (N, *, in_feats) dense, (N, in_feats) sparse, or a pair
+          ``((N_src, *, ·), (N_dst, *, ·))``; ``edge_feat`` (E, edge_feats)
+        - output: (N_dst, *, H, D), and attention (E, *, H, 1) if ``get_attention`` (each index of ``*``
+          is an independent copy of the attention, as in GATConv; DGL's GATv2Conv takes (N, D_in) only)
+
+    Raises:
+        ZeroInDegreeError: (a ``ValueError``, and a ``dgl.DGLError`` when DGL is imported) for dst nodes
+            without in-edges unless ``allow_zero_in_degree``.
 
     >>> import torch, gatx
     >>> g = gatx.Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0]))
@@ -63,9 +72,12 @@ class GATv2Conv(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self._num_heads = num_heads
-        self._in_src_feats, self._in_dst_feats = in_feats if isinstance(in_feats, tuple) else (in_feats, in_feats)
-        self._out_feats = out_feats
+        self._in_src_feats, self._in_dst_feats = check_in_feats(in_feats)
+        self._num_heads = num_heads = check_width(num_heads, "num_heads")
+        self._out_feats = out_feats = check_width(out_feats, "out_feats")
+        if edge_feats is not None:
+            edge_feats = check_width(edge_feats, "edge_feats")
+        feat_drop, attn_drop = check_prob(feat_drop, "feat_drop"), check_prob(attn_drop, "attn_drop")
         self._allow_zero_in_degree = allow_zero_in_degree
         self._edge_feats = edge_feats
         self.backend = backend
@@ -115,30 +127,32 @@ class GATv2Conv(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         H, D = self._num_heads, self._out_feats
         backend = backend if backend is not None else self.backend
-        g, h_src, h_dst, paired = layer_inputs(
-            graph, feat, self._in_src_feats, self._in_dst_feats, self.feat_drop.p, self.training
+        g, h_src, h_dst, paired, prefix = layer_inputs(
+            graph, feat, self._in_src_feats, self._in_dst_feats, self.feat_drop.p, self.training, self.attn
         )
-        feat_src = linear(self.fc_src, h_src).view(-1, H, D)  # (N_src, H, D)
+        S = fold(prefix)  # (N, *, F) input: the * dimensions are folded into the heads, (N, S*H, D)
+        feat_src = linear(self.fc_src, flat(h_src)).view(g.num_src, S * H, D)  # (N_src, S*H, D)
         if self.share_weights and not paired:
             feat_dst = feat_src[: g.num_dst]  # a block's dst nodes are its first src nodes
         else:
-            feat_dst = linear(self.fc_dst, h_dst).view(-1, H, D)  # (N_dst, H, D)
+            feat_dst = linear(self.fc_dst, flat(h_dst)).view(g.num_dst, S * H, D)  # (N_dst, S*H, D)
         check_zero_in_degree(g, self._allow_zero_in_degree)
 
         ee = None
         if edge_feat is not None:
-            check_edge_feat(self, edge_feat, g, self._edge_feats)
-            ee = self.fc_edge(edge_feat).view(-1, H, D)  # (E, H, D)
-        pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, H, D)
-        s = (F.leaky_relu(pre, self.leaky_relu.negative_slope) * self.attn).sum(-1)  # (E, H)
+            check_edge_feat(self, edge_feat, g, self._edge_feats, self.attn)
+            ee = self.fc_edge(edge_feat).view(g.num_edges, H, D).repeat(1, S, 1)  # (E, S*H, D)
+        pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
+        attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
+        s = (F.leaky_relu(pre, self.leaky_relu.negative_slope) * attn).sum(-1)  # (E, S*H)
         a = ops.edge_softmax(g, s, backend=backend)
         a = F.dropout(a, self.attn_drop.p, self.training)
-        rst = ops.aggregate(g, a, feat_src, backend=backend)  # (N_dst, H, D)
-        if self.res_fc is not None:
-            rst = rst + linear(self.res_fc, h_dst).view(h_dst.shape[0], -1, D)
+        rst = ops.aggregate(g, a, feat_src, backend=backend).view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
+        if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
+            rst = rst + linear(self.res_fc, flat(h_dst)).view(g.num_dst, *prefix, -1, D)
         if self.activation is not None:
             rst = self.activation(rst)
-        return (rst, a.unsqueeze(-1)) if get_attention else rst
+        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
 
     def extra_repr(self) -> str:
         s = f"in_feats={(self._in_src_feats, self._in_dst_feats)}, out_feats={self._out_feats}, num_heads={self._num_heads}"

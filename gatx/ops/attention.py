@@ -7,75 +7,72 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import Graph
+from . import _checks as C
 from ._dispatch import select
 
 __all__ = ["gat_score", "dot_score", "edge_softmax", "aggregate", "sparse_attention"]
 
 
-def _check_graph(graph: Graph) -> None:
-    if not isinstance(graph, Graph):
-        raise ValueError(
-            f"graph must be a gatx.Graph, got {type(graph).__name__}; build one with gatx.Graph(src, dst), "
-            "Graph.from_edge_index or Graph.from_dgl"
-        )
-
-
-def _check_rows(t: Tensor, rows: int, name: str, what: str, graph: Graph, min_dim: int = 2) -> None:
-    if not isinstance(t, Tensor):
-        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-    if t.dim() < min_dim or t.shape[0] != rows:
-        raise ValueError(f"{name} must have shape ({what}={rows}, H{', D' if min_dim > 2 else ''}...), got {tuple(t.shape)}")
-    if t.device != graph.device:
-        raise ValueError(f"{name} is on {t.device} but the graph is on {graph.device}; move one with .to(device)")
-
-
-def _check_heads(a: Tensor, b: Tensor, na: str, nb: str) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(f"{na} and {nb} must have the same number of heads, got {a.shape[1]} and {b.shape[1]}")
+def _node_terms(graph: Graph, t: Any, name: str, side: str) -> Tensor:
+    """A (N, H, *) per-node tensor on the graph's src (``side="src"``) or dst side."""
+    rows = graph.num_src if side == "src" else graph.num_dst
+    shape = f"(num_{side}, H, ...)"
+    t = C.check_tensor(t, name, graph, shape)
+    C.check_rows(t, name, rows, f"num_{side}", tuple(range(2, 9)), shape)
+    return t
 
 
 def gat_score(graph: Graph, el: Tensor, er: Tensor, edge_score: Tensor | None = None, *, backend: str | None = None) -> Tensor:
     """Additive (GAT) score of every edge: ``el[src] + er[dst] (+ edge_score)``.
 
     Args:
-        el: (num_src, H, *) source terms. er: (num_dst, H, *) destination terms.
+        el: (num_src, H, *) source terms. er: (num_dst, H, *) destination terms (the same ``*``).
         edge_score: optional (E, H, *) per-edge term.
 
     Returns: (E, H, *) scores (before the leaky ReLU).
     """
-    _check_graph(graph)
-    _check_rows(el, graph.num_src, "el", "num_src", graph)
-    _check_rows(er, graph.num_dst, "er", "num_dst", graph)
-    _check_heads(el, er, "el", "er")
-    out = select(backend, graph, el, er, op="gat_score").gat_score(graph, el, er)
+    C.check_graph(graph)
+    el = _node_terms(graph, el, "el", "src")
+    er = _node_terms(graph, er, "er", "dst")
+    if el.shape[1:] != er.shape[1:]:
+        raise ValueError(f"el and er must have the same (H, ...) shape, got {tuple(el.shape[1:])} and {tuple(er.shape[1:])}")
     if edge_score is not None:
-        _check_rows(edge_score, graph.num_edges, "edge_score", "E", graph)
-        out = out + edge_score
-    return out
+        want = (graph.num_edges,) + tuple(el.shape[1:])
+        edge_score = C.check_tensor(edge_score, "edge_score", graph, f"(E, H, ...) = {want}")
+        if tuple(edge_score.shape) != want:
+            raise ValueError(f"edge_score must have shape (E, H, ...) = {want}, got {tuple(edge_score.shape)}")
+    C.same_dtype(el=el, er=er, edge_score=edge_score)
+    out = select(backend, graph, el, er, op="gat_score").gat_score(graph, el, er)
+    return out + edge_score if edge_score is not None else out
 
 
 def dot_score(graph: Graph, q: Tensor, k: Tensor, *, backend: str | None = None) -> Tensor:
     """Dot-product score of every edge: ``<q[dst], k[src]>``; q (num_dst, H, D), k (num_src, H, D) -> (E, H)."""
-    _check_graph(graph)
-    _check_rows(q, graph.num_dst, "q", "num_dst", graph, 3)
-    _check_rows(k, graph.num_src, "k", "num_src", graph, 3)
+    C.check_graph(graph)
+    q = C.check_tensor(q, "q", graph, "(num_dst, H, D)")
+    k = C.check_tensor(k, "k", graph, "(num_src, H, D)")
+    C.check_rows(q, "q", graph.num_dst, "num_dst", (3,), "(num_dst, H, D)")
+    C.check_rows(k, "k", graph.num_src, "num_src", (3,), "(num_src, H, D)")
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q and k must have the same (H, D), got {tuple(q.shape[1:])} and {tuple(k.shape[1:])}")
+    C.same_dtype(q=q, k=k)
     return select(backend, graph, q, k, op="dot_score").dot_score(graph, q, k)
 
 
 def edge_softmax(graph: Graph, scores: Tensor, *, backend: str | None = None) -> Tensor:
-    """Softmax of (E, H) scores over the incoming edges of each dst node.
+    """Softmax of (E, H, *) scores over the incoming edges of each dst node.
 
     .. math:: a_{e} = \\exp(s_e) / \\sum_{e' \\in \\mathrm{in}(\\mathrm{dst}(e))} \\exp(s_{e'})
     """
-    _check_graph(graph)
-    _check_rows(scores, graph.num_edges, "scores", "E", graph)
+    C.check_graph(graph)
+    scores = C.check_tensor(scores, "scores", graph, "(E, H)")
+    C.check_rows(scores, "scores", graph.num_edges, "E", tuple(range(2, 9)), "(E, H, ...)")
     return select(backend, graph, scores, op="edge_softmax").edge_softmax(graph, scores)
 
 
@@ -84,12 +81,16 @@ def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = No
 
     .. math:: h_i = \\sum_{e: j \\to i} a_e \\, v_j
 
-    Args: attn (E, H), v (num_src, H, D). Returns (num_dst, H, D); nodes without in-edges get zeros.
+    Args: attn (E, H) (DGL's (E, H, 1) is accepted), v (num_src, H, D). Returns (num_dst, H, D); nodes
+    without in-edges get zeros.
     """
-    _check_graph(graph)
-    _check_rows(attn, graph.num_edges, "attn", "E", graph)
-    _check_rows(v, graph.num_src, "v", "num_src", graph, 3)
-    _check_heads(attn, v, "attn", "v")
+    C.check_graph(graph)
+    attn = C.check_tensor(attn, "attn", graph, "(E, H)")
+    v = C.check_tensor(v, "v", graph, "(num_src, H, D)")
+    attn = C.squeeze_dgl(attn, "attn", graph.num_edges, "E", "(E, H)")
+    C.check_rows(v, "v", graph.num_src, "num_src", (3,), "(num_src, H, D)")
+    C.same_heads(attn, v, "attn", "v")
+    C.same_dtype(v=v, attn=attn)
     return select(backend, graph, attn, v, op="aggregate").aggregate(graph, attn, v)
 
 
@@ -127,48 +128,74 @@ def sparse_attention(
     reflection padding) takes its own share of the softmax and contributes its value twice.
 
     Args:
-        v: (num_src, H, D) values. logits: (E, H) scores for ``score="given"``. bias: optional (E, H)
-        per-edge score term (relative position bias, edge features). edge_weight: optional (E,) or
-        (E, H) factor applied after the softmax.
+        q, k: ``score="dot"``: (num_dst, H, D) and (num_src, H, D). ``score="additive"``: (num_dst, H)
+            and (num_src, H); DGL's (N, H, 1) layout is accepted and squeezed. ``None`` for "given".
+        v: (num_src, H, Dv) values.
+        logits: (E, H) scores for ``score="given"``.
+        bias: optional per-edge score term (relative position bias, edge features, a -inf mask):
+            (E, H), or (E, 1) / (E,) shared by all heads.
+        edge_weight: optional (E,), (E, 1) or (E, H) factor applied after the softmax.
+        dropout_p: dropout on the attention, a probability in [0, 1] (applied only if ``training``).
 
-    Returns: (num_dst, H, D) outputs, and the (E, H) attention if ``return_attention``.
+    All floating inputs of one call must share one dtype (a mix raises a ValueError saying which
+    tensor to cast), and every shape is checked here, for every backend.
+
+    Returns: (num_dst, H, Dv) outputs, and the (E, H) attention if ``return_attention``.
+
+    >>> import torch, gatx
+    >>> g = gatx.Graph(torch.tensor([0, 1, 2, 2]), torch.tensor([1, 2, 0, 2]))
+    >>> q, k, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 5)
+    >>> gatx.ops.sparse_attention(g, q, k, v).shape
+    torch.Size([3, 2, 5])
     """
-    _check_graph(graph)
+    C.check_graph(graph)
     if score not in ("dot", "additive", "given"):
         raise ValueError(f"score must be 'dot', 'additive' or 'given', got {score!r}")
-    _check_rows(v, graph.num_src, "v", "num_src", graph, 3)
+    v = C.check_tensor(v, "v", graph, "(num_src, H, D)")
+    C.check_rows(v, "v", graph.num_src, "num_src", (3,), "(num_src, H, D)")
+    C.check_width(v, "v", "(num_src, H, D)")
+    H = v.shape[1]
     if score == "given":
         if q is not None or k is not None:
             raise ValueError("score='given' scores edges by the logits= argument; pass q=None and k=None")
         if logits is None:
             raise ValueError(f"score='given' needs logits= of shape (E={graph.num_edges}, H)")
-        _check_rows(logits, graph.num_edges, "logits", "E", graph)
-        if logits.dim() != 2:
-            raise ValueError(f"logits must have shape (E={graph.num_edges}, H), got {tuple(logits.shape)}")
-        _check_heads(logits, v, "logits", "v")
-        scale = scale if scale is not None else 1.0
+        logits = C.check_tensor(logits, "logits", graph, "(E, H)")
+        C.check_rows(logits, "logits", graph.num_edges, "E", (2,), "(E, H)")
+        C.same_heads(logits, v, "logits", "v")
+        scale = C.real(scale, "scale") if scale is not None else 1.0
     elif logits is not None:
         raise ValueError(f"logits= is used only with score='given', got score={score!r}")
     elif score == "dot":
-        _check_rows(q, graph.num_dst, "q", "num_dst", graph, 3)
-        _check_rows(k, graph.num_src, "k", "num_src", graph, 3)
+        q = C.check_tensor(q, "q", graph, "(num_dst, H, D)")
+        k = C.check_tensor(k, "k", graph, "(num_src, H, D)")
+        C.check_rows(q, "q", graph.num_dst, "num_dst", (3,), "(num_dst, H, D)")
+        C.check_rows(k, "k", graph.num_src, "num_src", (3,), "(num_src, H, D)")
         if q.shape[1:] != k.shape[1:]:
             raise ValueError(f"q and k must have the same (H, D), got {tuple(q.shape[1:])} and {tuple(k.shape[1:])}")
-        scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        C.check_width(q, "q", "(num_dst, H, D)")
+        scale = C.real(scale, "scale") if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     else:
-        _check_rows(q, graph.num_dst, "q", "num_dst", graph)
-        _check_rows(k, graph.num_src, "k", "num_src", graph)
-        _check_heads(q, k, "q", "k")
+        q = C.check_tensor(q, "q", graph, "(num_dst, H)")
+        k = C.check_tensor(k, "k", graph, "(num_src, H)")
+        q = C.squeeze_dgl(q, "q", graph.num_dst, "num_dst", "(num_dst, H)")
+        k = C.squeeze_dgl(k, "k", graph.num_src, "num_src", "(num_src, H)")
+        if scale is not None:
+            raise ValueError("scale is used with score='dot' or 'given'; the additive score has no scale")
     if score != "given":
-        _check_heads(k, v, "k", "v")
+        C.same_heads(q, k, "q", "k")
+        C.same_heads(k, v, "k", "v")
     if bias is not None:
-        _check_rows(bias, graph.num_edges, "bias", "E", graph)
-    if edge_weight is not None and (edge_weight.shape[0] != graph.num_edges or edge_weight.dim() > 2):
-        raise ValueError(f"edge_weight must have shape (E={graph.num_edges},) or (E, H), got {tuple(edge_weight.shape)}")
+        bias = C.per_edge(bias, "bias", graph, H, flat_is="column")  # (E, H) or (E, 1)
+    if edge_weight is not None:
+        edge_weight = C.per_edge(edge_weight, "edge_weight", graph, H, flat_is="weight")
+    C.same_dtype(v=v, q=q, k=k, logits=logits, bias=bias, edge_weight=edge_weight)
+    negative_slope = C.real(negative_slope, "negative_slope")
+    dropout_p = C.real(dropout_p, "dropout_p", lo=0.0, hi=1.0)
     dropout_p = dropout_p if training else 0.0
     opts = dict(
         score=score, logits=logits, scale=scale, bias=bias, negative_slope=negative_slope, edge_weight=edge_weight,
-        dropout_p=dropout_p, return_attention=return_attention,
+        dropout_p=dropout_p, return_attention=bool(return_attention),
     )
     mod = select(backend, graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
     fused = getattr(mod, "sparse_attention", None)
