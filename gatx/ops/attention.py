@@ -14,9 +14,17 @@ from torch import Tensor
 
 from ..graph import Graph
 from . import _checks as C
-from ._dispatch import select
+from ._dispatch import backend_module, select
 
 __all__ = ["gat_score", "dot_score", "edge_softmax", "aggregate", "sparse_attention"]
+
+
+def _pick(backend: str | None, heads: int) -> str | None:
+    """The backend to ask for: with no heads (an empty batch folded into H) nothing is computed, and
+    the torch backend returns the empty result (kept in the autograd graph) for every ``backend``."""
+    if backend is not None:
+        backend_module(backend)  # a bad name is refused even then
+    return "torch" if heads == 0 else backend
 
 
 def _node_terms(graph: Graph, t: Any, name: str, side: str) -> Tensor:
@@ -48,7 +56,7 @@ def gat_score(graph: Graph, el: Tensor, er: Tensor, edge_score: Tensor | None = 
         if tuple(edge_score.shape) != want:
             raise ValueError(f"edge_score must have shape (E, H, ...) = {want}, got {tuple(edge_score.shape)}")
     C.same_dtype(el=el, er=er, edge_score=edge_score)
-    out = select(backend, graph, el, er, op="gat_score").gat_score(graph, el, er)
+    out = select(_pick(backend, el.shape[1]), graph, el, er, op="gat_score").gat_score(graph, el, er)
     return out + edge_score if edge_score is not None else out
 
 
@@ -62,7 +70,7 @@ def dot_score(graph: Graph, q: Tensor, k: Tensor, *, backend: str | None = None)
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q and k must have the same (H, D), got {tuple(q.shape[1:])} and {tuple(k.shape[1:])}")
     C.same_dtype(q=q, k=k)
-    return select(backend, graph, q, k, op="dot_score").dot_score(graph, q, k)
+    return select(_pick(backend, q.shape[1]), graph, q, k, op="dot_score").dot_score(graph, q, k)
 
 
 def edge_softmax(graph: Graph, scores: Tensor, *, backend: str | None = None) -> Tensor:
@@ -73,7 +81,7 @@ def edge_softmax(graph: Graph, scores: Tensor, *, backend: str | None = None) ->
     C.check_graph(graph)
     scores = C.check_tensor(scores, "scores", graph, "(E, H)")
     C.check_rows(scores, "scores", graph.num_edges, "E", tuple(range(2, 9)), "(E, H, ...)")
-    return select(backend, graph, scores, op="edge_softmax").edge_softmax(graph, scores)
+    return select(_pick(backend, scores.shape[1]), graph, scores, op="edge_softmax").edge_softmax(graph, scores)
 
 
 def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = None) -> Tensor:
@@ -91,7 +99,7 @@ def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = No
     C.check_rows(v, "v", graph.num_src, "num_src", (3,), "(num_src, H, D)")
     C.same_heads(attn, v, "attn", "v")
     C.same_dtype(v=v, attn=attn)
-    return select(backend, graph, attn, v, op="aggregate").aggregate(graph, attn, v)
+    return select(_pick(backend, v.shape[1]), graph, attn, v, op="aggregate").aggregate(graph, attn, v)
 
 
 def sparse_attention(
@@ -138,7 +146,8 @@ def sparse_attention(
         dropout_p: dropout on the attention, a probability in [0, 1] (applied only if ``training``).
 
     All floating inputs of one call must share one dtype (a mix raises a ValueError saying which
-    tensor to cast), and every shape is checked here, for every backend.
+    tensor to cast), and every shape is checked here, for every backend. With H = 0 (an empty
+    batch folded into the heads) the result is empty and comes from the torch backend.
 
     Returns: (num_dst, H, Dv) outputs, and the (E, H) attention if ``return_attention``.
 
@@ -197,7 +206,7 @@ def sparse_attention(
         score=score, logits=logits, scale=scale, bias=bias, negative_slope=negative_slope, edge_weight=edge_weight,
         dropout_p=dropout_p, return_attention=bool(return_attention),
     )
-    mod = select(backend, graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
+    mod = select(_pick(backend, H), graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
     fused = getattr(mod, "sparse_attention", None)
     if fused is not None:
         return fused(graph, q, k, v, **opts)

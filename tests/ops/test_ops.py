@@ -184,3 +184,135 @@ def test_forced_backend_that_cannot_run_lists_reasons(monkeypatch):
         ops.sparse_attention(g, q, k, v, backend="dgl")
     out = ops.sparse_attention(g, q, k, v)  # automatic choice still runs
     assert torch.allclose(out, ops.sparse_attention(g, q, k, v, backend="torch"), atol=1e-6)
+
+
+# ---------------------------------------------------------------- the op boundary (issue 12, items 6 and 10-12)
+ALL_BACKENDS = [None] + BACKENDS  # None: automatic choice
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dgl_layout_for_additive_terms_is_squeezed(backend):
+    """DGL's (N, H, 1) el / er give the same (N_dst, H, D) output as (N, H), never (N, H, H, D)."""
+    g = random_graph(seed=8)
+    q, k, v = _inputs(g, score="additive")
+    ref, ref_a = dense_reference(g, q, k, v, "additive")
+    out, a = ops.sparse_attention(g, q[..., None], k[..., None], v, score="additive", return_attention=True, backend=backend)
+    assert out.shape == ref.shape and a.shape == ref_a.shape
+    assert _max_diff(out, ref) < 1e-5, f"max diff {_max_diff(out, ref)}"
+    with pytest.raises(ValueError, match=r"one score term per node and head.*\(N, H, 1\)"):
+        ops.sparse_attention(g, q[..., None].expand(-1, -1, 2), k[..., None], v, score="additive", backend=backend)
+    agg = ops.aggregate(g, a[..., None], v, backend=backend if backend in PRIMITIVE_BACKENDS else None)
+    assert _max_diff(agg, ref) < 1e-5, "aggregate with DGL's (E, H, 1) attention"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shape", ["E", "E1", "EH"])
+def test_per_edge_layouts(backend, shape):
+    """bias and edge_weight as (E,), (E, 1) (shared by the heads) or (E, H), against the float64 reference."""
+    g = random_graph(seed=9)
+    q, k, v = _inputs(g)
+    gen = torch.Generator().manual_seed(2)
+    full_b, full_w = torch.randn(g.num_edges, 1, generator=gen), torch.rand(g.num_edges, 1, generator=gen)
+    if shape == "EH":
+        full_b, full_w = full_b.expand(-1, 3) * torch.tensor([1.0, -2.0, 0.5]), full_w.expand(-1, 3) * torch.tensor([1.0, 0.3, 2.0])
+    b, w = {"E": (full_b[:, 0], full_w[:, 0]), "E1": (full_b, full_w), "EH": (full_b, full_w)}[shape]
+    ref, _ = dense_reference(g, q, k, v, "dot", bias=full_b.expand(-1, 3), edge_weight=full_w.expand(-1, 3))
+    out = ops.sparse_attention(g, q, k, v, bias=b, edge_weight=w, backend=backend)
+    assert _max_diff(out, ref) < 1e-5, f"{shape}: max diff {_max_diff(out, ref)}"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("score", ["dot", "additive"])
+def test_mixed_dtypes_are_refused_on_every_backend(backend, score):
+    """A float64 edge_weight with float32 q / k / v is one clear error, whatever the backend, not a DGLError."""
+    g = random_graph(seed=10)
+    q, k, v = _inputs(g, score=score)
+    w64 = torch.rand(g.num_edges, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"edge_weight is torch.float64 but v is torch.float32.*cast edge_weight"):
+        ops.sparse_attention(g, q, k, v, score=score, edge_weight=w64, backend=backend)
+    with pytest.raises(ValueError, match=r"bias is torch.float64 but v is torch.float32"):
+        ops.sparse_attention(g, q, k, v, score=score, bias=w64, backend=backend)
+    with pytest.raises(ValueError, match=r"q is torch.float64 but v is torch.float32"):
+        ops.sparse_attention(g, q.double(), k, v, score=score, backend=backend)
+    # once cast, it runs and agrees with the float64 reference
+    ref, _ = dense_reference(g, q, k, v, score, edge_weight=w64)
+    out = ops.sparse_attention(g, q, k, v, score=score, edge_weight=w64.float(), backend=backend)
+    assert _max_diff(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan"), float("inf"), "0.5", True])
+def test_bad_dropout_p_is_refused(backend, p):
+    g = random_graph(seed=11)
+    q, k, v = _inputs(g, score="additive")
+    for training in (True, False):  # a bad value is a bug even where dropout is off
+        with pytest.raises(ValueError, match="dropout_p must"):
+            ops.sparse_attention(g, q, k, v, score="additive", dropout_p=p, training=training, backend=backend)
+
+
+def test_dropout_p_bounds_are_accepted():
+    g = random_graph(20, 20, 100, seed=12, self_loops=True)
+    q, k, v = _inputs(g, score="additive")
+    for backend in BACKENDS:
+        out = ops.sparse_attention(g, q, k, v, score="additive", dropout_p=1.0, backend=backend)
+        assert not out.any(), f"{backend}: dropout_p=1 drops every edge"
+        out0 = ops.sparse_attention(g, q, k, v, score="additive", dropout_p=0.0, backend=backend)
+        assert _max_diff(out0, ops.sparse_attention(g, q, k, v, score="additive", backend="torch")) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda g, q, k, v: dict(q=q[..., :0], k=k[..., :0]), "at least one feature per head"),
+        (lambda g, q, k, v: dict(v=v[..., :0]), "at least one feature per head"),
+        (lambda g, q, k, v: dict(v=v.long()), "v must be a floating-point tensor.*v.float()"),
+        (lambda g, q, k, v: dict(q=q.to(torch.complex64)), "q must be a floating-point"),
+        (lambda g, q, k, v: dict(v=v.flatten(1).to_sparse().unsqueeze(-1)), "v must be a dense"),
+        (lambda g, q, k, v: dict(v=v[..., None]), r"v must have shape \(num_src, H, D\)"),
+        (lambda g, q, k, v: dict(q=q[:, 0]), r"q must have shape \(num_dst, H, D\)"),
+        (lambda g, q, k, v: dict(edge_weight=0.5), r"edge_weight must be a tensor of shape \(E,\).*torch.full"),
+        (lambda g, q, k, v: dict(edge_weight=[1.0] * g.num_edges), "edge_weight must be a tensor.*got list"),
+        (lambda g, q, k, v: dict(edge_weight=torch.ones(g.num_edges, dtype=torch.bool)), "edge_weight must be a floating"),
+        (lambda g, q, k, v: dict(edge_weight=torch.ones(g.num_edges, 2)), r"edge_weight must have shape \(E,\), \(E, 1\) or \(E, H\)"),
+        (lambda g, q, k, v: dict(bias=torch.ones(g.num_edges, 3, 1)), "bias must have shape"),
+        (lambda g, q, k, v: dict(scale=torch.tensor(2.0, requires_grad=True)), "scale must be a Python number.*multiply"),
+        (lambda g, q, k, v: dict(scale=float("nan")), "scale must be finite"),
+        (lambda g, q, k, v: dict(negative_slope="0.2"), "negative_slope must be a real number"),
+    ],
+)
+def test_bad_tensors_are_named(backend, make, match):
+    g = random_graph(seed=13)
+    q, k, v = _inputs(g)
+    kw = dict(q=q, k=k, v=v)
+    kw.update(make(g, q, k, v))
+    with pytest.raises(ValueError, match=match):
+        ops.sparse_attention(g, kw.pop("q"), kw.pop("k"), kw.pop("v"), backend=backend, **kw)
+
+
+def test_zero_heads_is_an_empty_result():
+    """H = 0 (e.g. an empty batch folded into the heads) gives empty outputs, like torch's own attention."""
+    g = random_graph(seed=14)
+    q, k, v = (t[:, :0] for t in _inputs(g))
+    for backend in ALL_BACKENDS:
+        out, a = ops.sparse_attention(g, q, k, v, return_attention=True, backend=backend)
+        assert out.shape == (g.num_dst, 0, 4) and a.shape == (g.num_edges, 0), backend
+
+
+def test_primitives_refuse_wrong_shapes_and_dtypes():
+    g = random_graph(seed=15)
+    q, k, v = _inputs(g)
+    with pytest.raises(ValueError, match=r"el and er must have the same \(H, ...\) shape"):
+        ops.gat_score(g, torch.randn(g.num_src, 3, 2), torch.randn(g.num_dst, 3, 1))
+    with pytest.raises(ValueError, match=r"edge_score must have shape"):
+        ops.gat_score(g, torch.randn(g.num_src, 3), torch.randn(g.num_dst, 3), torch.randn(g.num_edges))
+    with pytest.raises(ValueError, match="er is torch.float64 but el is torch.float32"):
+        ops.gat_score(g, torch.randn(g.num_src, 3), torch.randn(g.num_dst, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="attn is torch.float64 but v is torch.float32"):
+        ops.aggregate(g, torch.rand(g.num_edges, 3, dtype=torch.float64), v)
+    with pytest.raises(ValueError, match=r"v must have shape \(num_src, H, D\)"):
+        ops.aggregate(g, torch.rand(g.num_edges, 3), v[..., None])
+    with pytest.raises(ValueError, match="scores must be a floating-point"):
+        ops.edge_softmax(g, torch.ones(g.num_edges, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"k must have shape \(num_src, H, D\)"):
+        ops.dot_score(g, q, k[:, 0])
