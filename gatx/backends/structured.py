@@ -13,18 +13,21 @@ matmul) and the backward is autograd's, except for the row gathers (keys into ha
 values into the dense layout), whose backwards are gathers plus segment sums instead of scatter-adds.
 First-order gradients only (use ``backend="torch"`` for double backward).
 
-The tiling is separable: a grid of Y x X nodes, node ``y * X + x``, and per axis a 1-D tiling; a
-query (y, x) may attend a key (ky, kx) iff ``allowed_y[y, ky] and allowed_x[x, kx]``. This covers
-neighborhood attention (clamped and dilated windows) and (shifted) window attention.
+The tiling is separable: a grid of 1, 2 or 3 axes (e.g. Y x X, node ``y * X + x``, row-major) and
+per axis a 1-D tiling; a query may attend a key iff, on every axis, the key's coordinate is allowed
+for the query's. This covers neighborhood attention (clamped, dilated or causal windows) and
+(shifted) window attention, in 1-D, 2-D and 3-D.
 
-Layout of the dense score tensor: (B*H, T, Qt, Kt) with ``T = nty * ntx`` tiles, ``Qt = Ty * Tx``
-query slots, ``Kt = Ky * Kx`` halo slots, flattened in that order. A query may sit in several tiles
-(padding of the last tile); one copy, its *owner*, gives its output. ``edge_pos[e]`` is the dense
-position of edge e at its owner copy; ``pos_edge[p]`` the edge at dense position p (``E`` where p is
-masked). Results equal the generic path up to float rounding; they do not depend on the tiling.
+Layout of the dense score tensor: (B*H, T, Qt, Kt) with ``T`` tiles (the product of the per-axis
+tile counts), ``Qt`` query slots and ``Kt`` halo slots (products of the per-axis tile and halo
+lengths), each flattened row-major over the axes. A query may sit in several tiles (padding of the
+last tile); one copy, its *owner*, gives its output. ``edge_pos[e]`` is the dense position of edge
+e at its owner copy; ``pos_edge[p]`` the edge at dense position p (``E`` where p is masked).
+Results equal the generic path up to float rounding; they do not depend on the tiling.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,61 +46,65 @@ __all__ = ["AxisTiling", "RowGather", "Tiling", "axis_tiling", "grid_tiling", "r
 class AxisTiling:
     """One axis of a separable tiling: ``L`` positions in ``nt`` tiles of ``T`` query slots and ``K`` halo slots.
 
-    ``allowed`` (L, L): query position -> allowed key positions. ``queries`` (nt, T) and ``halo``
-    (nt, K) positions (padding slots repeat a position; padded halo slots are never allowed).
-    ``tile_allowed`` (nt, T, K). ``owner`` (L,) flat slot in ``nt * T`` whose output is kept.
-    ``slot`` (nt, L) halo slot of each key position in each tile (-1: absent). ``rank`` (L, L) rank of a
-    key among the allowed keys of a query, in position order (-1: not allowed); ``count`` (L,).
+    ``neighbors`` (L, C): the allowed key positions of each query position in increasing order, the
+    first ``count`` (L,) valid (padding repeats the last). ``queries`` (nt, T) and ``halo`` (nt, K)
+    positions, both sorted (padding slots repeat a position; padded halo slots are never allowed).
+    ``tile_rank`` (nt, T, K): rank of each halo key among the query slot's allowed keys, -1 where not
+    allowed. ``owner`` (L,): the flat slot in ``nt * T`` whose output is kept. ``slot`` (L, C): the
+    halo slot, in the owner's tile, of each of a query's keys. Memory is O(L), never (L, L).
     """
 
-    allowed: Tensor
+    neighbors: Tensor
+    count: Tensor
     queries: Tensor
     halo: Tensor
-    tile_allowed: Tensor
+    tile_rank: Tensor
     owner: Tensor
     slot: Tensor
-    rank: Tensor
-    count: Tensor
     identity: bool  # every position sits in exactly one query slot, in position order: no gather needed
 
     @property
     def length(self) -> int:
-        return self.allowed.shape[0]
+        return self.neighbors.shape[0]
 
     def to(self, device: torch.device) -> "AxisTiling":
         moved = [getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "identity"]
         return AxisTiling(*moved, identity=self.identity)
 
 
-def axis_tiling(allowed: Tensor, tiles: list[list[int]]) -> AxisTiling:
-    """Build an :class:`AxisTiling` from an (L, L) bool ``allowed`` matrix and a list of query tiles.
+def axis_tiling(neighbors: Tensor, count: Tensor, tiles: list[list[int]]) -> AxisTiling:
+    """Build an :class:`AxisTiling` from sorted per-position key lists and a list of query tiles.
 
-    Every position must appear in some tile; the first appearance is the owner. Tiles shorter than
-    the longest are padded by repeating their last position (a non-owner copy).
+    ``neighbors`` (L, C) and ``count`` (L,) as in :class:`AxisTiling`. Every position must appear in
+    some tile; its first appearance is the owner. Tiles shorter than the longest are padded by
+    repeating their last position (a non-owner copy).
     """
-    L = allowed.shape[0]
-    allowed = allowed.to(torch.bool).cpu()
-    if not allowed.any(1).all():
+    L, C = neighbors.shape
+    neighbors, count = neighbors.cpu(), count.cpu()
+    if not bool((count >= 1).all()):
         raise AssertionError("every position needs at least one allowed key")
     T = max(len(t) for t in tiles)
     queries = torch.tensor([t + [t[-1]] * (T - len(t)) for t in tiles], dtype=torch.int64)  # (nt, T)
-    halos = [torch.nonzero(allowed[torch.tensor(t)].any(0)).flatten() for t in tiles]
+    valid = torch.arange(C)[None, :] < count[:, None]  # (L, C)
+    halos = [torch.unique(neighbors[q][valid[q]]) for q in (torch.tensor(t) for t in tiles)]  # sorted
     K = max(h.numel() for h in halos)
-    halo = torch.stack([torch.cat([h, h[:1].expand(K - h.numel())]) for h in halos])  # (nt, K)
-    valid = torch.arange(K)[None, :] < torch.tensor([h.numel() for h in halos])[:, None]  # (nt, K)
-    tile_allowed = allowed[queries[:, :, None], halo[:, None, :]] & valid[:, None, :]  # (nt, T, K)
-    owner = torch.full((L,), -1, dtype=torch.int64)
+    halo = torch.stack([torch.cat([h, h[-1:].expand(K - h.numel())]) for h in halos])  # (nt, K), still sorted
+    halo_valid = torch.arange(K)[None, :] < torch.tensor([h.numel() for h in halos])[:, None]  # (nt, K)
+    keys = neighbors[queries]  # (nt, T, C)
+    probe = halo[:, None, :].expand(-1, T, -1).contiguous()  # (nt, T, K)
+    pos = torch.searchsorted(keys, probe)  # first match: padding repeats come after the real entry
+    hit = (keys.gather(2, pos.clamp(max=C - 1)) == probe) & (pos < count[queries][..., None]) & halo_valid[:, None, :]
+    tile_rank = torch.where(hit, pos, -1)  # (nt, T, K)
     flat = queries.reshape(-1)
-    for i in range(flat.numel() - 1, -1, -1):  # the first appearance wins
-        owner[flat[i]] = i
-    if (owner < 0).any():
+    owner = torch.full((L,), flat.numel(), dtype=torch.int64).scatter_reduce_(0, flat, torch.arange(flat.numel()), "amin")
+    if bool((owner == flat.numel()).any()):
         raise AssertionError("every position must sit in a tile")
-    slot = torch.full((len(tiles), L), -1, dtype=torch.int64)
-    for t, h in enumerate(halos):
-        slot[t, h] = torch.arange(h.numel())
-    rank = torch.where(allowed, allowed.long().cumsum(1) - 1, -1)  # (L, L)
+    own_halo = halo[owner // T]  # (L, K)
+    slot = torch.searchsorted(own_halo, neighbors).clamp(max=K - 1)  # (L, C)
+    if not bool(((own_halo.gather(1, slot) == neighbors) | ~valid).all()):
+        raise AssertionError("an owner tile's halo must hold its query's keys")
     identity = queries.numel() == L and bool((flat == torch.arange(L)).all())
-    return AxisTiling(allowed, queries, halo, tile_allowed, owner, slot, rank, allowed.sum(1), identity)
+    return AxisTiling(neighbors, count, queries, halo, tile_rank, owner, slot, identity)
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,18 +150,18 @@ class _GatherRows(torch.autograd.Function):
 
 @dataclass(frozen=True, eq=False)
 class Tiling:
-    """A separable tiling of a Y x X grid (see the module docstring); the kernel's contract.
+    """A separable tiling of an n-d grid (see the module docstring); the kernel's contract.
 
-    ``edge_pos`` (E,) and ``pos_edge`` (P,) map edges to dense score positions and back.
-    ``mask`` (T, Qt, Kt) float32 is 0 at the allowed (query slot, halo slot) pairs and -inf elsewhere.
-    ``query_nodes`` (T*Qt rows) and ``key_nodes`` (T*Kt rows) gather the node of each query / halo
-    slot; ``owner`` (N rows) gathers, for each node, the query slot whose output it keeps.
-    ``keys_are_queries``: each tile's halo is its query block (unshifted windows), so keys are laid
-    out like queries, without a gather. ``full``: no dense position is masked (``pos_edge < E``).
+    ``axes`` holds one :class:`AxisTiling` per grid axis. ``edge_pos`` (E,) and ``pos_edge`` (P,) map
+    edges to dense score positions and back. ``mask`` (T, Qt, Kt) float32 is 0 at the allowed
+    (query slot, halo slot) pairs and -inf elsewhere. ``query_nodes`` (T*Qt rows) and ``key_nodes``
+    (T*Kt rows) gather the node of each query / halo slot; ``owner`` (N rows) gathers, for each node,
+    the query slot whose output it keeps. ``keys_are_queries``: each tile's halo is its query block
+    (unshifted windows), so keys are laid out like queries, without a gather. ``full``: no dense
+    position is masked (``pos_edge < E``).
     """
 
-    y: AxisTiling
-    x: AxisTiling
+    axes: tuple[AxisTiling, ...]
     edge_pos: Tensor
     pos_edge: Tensor
     mask: Tensor
@@ -165,8 +172,12 @@ class Tiling:
     full: bool
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return self.y.length, self.x.length
+    def shape(self) -> tuple[int, ...]:
+        return tuple(a.length for a in self.axes)
+
+    @property
+    def num_nodes(self) -> int:
+        return math.prod(self.shape)
 
     @property
     def num_edges(self) -> int:
@@ -179,78 +190,89 @@ class Tiling:
     @property
     def identity(self) -> bool:
         """Each node sits in one query slot and tiles are plain blocks of the grid (no query gather)."""
-        return self.y.identity and self.x.identity
+        return all(a.identity for a in self.axes)
 
     def to(self, device: torch.device | str) -> "Tiling":
         device = torch.device(device)
         if device == self.device:
             return self
-        fields = self.__dataclass_fields__
-        return Tiling(*(getattr(self, f) if isinstance(getattr(self, f), bool) else getattr(self, f).to(device) for f in fields))
+        moved = [getattr(self, f) for f in self.__dataclass_fields__]
+        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, bool) else m.to(device) for m in moved]
+        return Tiling(*moved)
 
 
-def grid_tiling(ay: AxisTiling, ax: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
-    """The 2-D tiling of two axes, and the graph's edges ``(src, dst)`` in the order the kernel expects.
+def _ravel(coords: list[Tensor], shape: list[int]) -> Tensor:
+    """Row-major flat index of per-axis coordinates (broadcasting)."""
+    flat = torch.zeros((), dtype=torch.int64)
+    for c, n in zip(coords, shape):
+        flat = flat * n + c
+    return flat
 
-    Edges are sorted by query (row-major ``y * X + x``), then by key in row-major order, so a query's
-    edges list its allowed keys as a (rows x cols) block: for a k x k neighborhood, the attention of
-    one query reshapes to (k, k).
+
+def grid_tiling(*axes: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
+    """The tiling of an n-d grid from one :class:`AxisTiling` per axis, and the graph's edges ``(src, dst)``.
+
+    Nodes are numbered row-major over the axes. Edges are sorted by query, then by key in row-major
+    order, so a query's edges list its allowed keys as a block: for a k x k neighborhood, the
+    attention of one query reshapes to (k, k).
     """
-    Y, X = ay.length, ax.length
-    counts = (ay.count[:, None] * ax.count[None, :]).reshape(-1)  # (N,)
-    indptr = torch.zeros(Y * X + 1, dtype=torch.int64)
+    n, shape = len(axes), [a.length for a in axes]
+    counts = torch.ones((), dtype=torch.int64)
+    for i, a in enumerate(axes):  # (L_0, ..., L_{n-1}) keys per query, flattened row-major
+        counts = counts * a.count.view([-1 if i == j else 1 for j in range(n)])
+    counts = counts.reshape(-1)  # (N,)
+    N = counts.numel()
+    indptr = torch.zeros(N + 1, dtype=torch.int64)
     torch.cumsum(counts, 0, out=indptr[1:])
     E = int(indptr[-1])
-    dst = torch.repeat_interleave(torch.arange(Y * X), counts)  # (E,)
+    dst = torch.repeat_interleave(torch.arange(N), counts)  # (E,)
     r = torch.arange(E) - indptr[dst]  # rank of the edge among its query's edges
-    qy, qx = dst // X, dst % X
-    cx = ax.count[qx]
-    nbr_y = _neighbors(ay.allowed)  # (Y, max count)
-    nbr_x = _neighbors(ax.allowed)
-    ky, kx = nbr_y[qy, r // cx], nbr_x[qx, r % cx]
-    src = ky * X + kx
+    q, rem = [torch.empty(0)] * n, dst
+    for i in reversed(range(n)):
+        q[i], rem = rem % shape[i], rem // shape[i]
+    ranks = [torch.empty(0)] * n
+    for i in reversed(range(n)):  # the last axis varies fastest among a query's keys
+        c = axes[i].count[q[i]]
+        ranks[i], r = r % c, r // c
+    src = _ravel([a.neighbors[qi, ri] for a, qi, ri in zip(axes, q, ranks)], shape)
 
-    nty, Ty = ay.queries.shape
-    ntx, Tx = ax.queries.shape
-    Ky, Kx = ay.halo.shape[1], ax.halo.shape[1]
-    oy, ox = ay.owner[qy], ax.owner[qx]
-    ty, iy, tx, ix = oy // Ty, oy % Ty, ox // Tx, ox % Tx
-    hy, hx = ay.slot[ty, ky], ax.slot[tx, kx]
-    assert bool((hy >= 0).all() and (hx >= 0).all()), "an owner tile's halo must hold its query's keys"
-    edge_pos = ((((ty * ntx + tx) * Ty + iy) * Tx + ix) * Ky + hy) * Kx + hx  # (E,)
+    nts = [a.queries.shape[0] for a in axes]
+    Ts = [a.queries.shape[1] for a in axes]
+    Ks = [a.halo.shape[1] for a in axes]
+    own = [a.owner[qi] for a, qi in zip(axes, q)]
+    edge_pos = _ravel(
+        [o // t for o, t in zip(own, Ts)] + [o % t for o, t in zip(own, Ts)] + [a.slot[qi, ri] for a, qi, ri in zip(axes, q, ranks)],
+        nts + Ts + Ks,
+    )  # (E,)
 
-    # dense position -> edge id, through indptr[query] + rank_y * count_x + rank_x
-    q_y, q_x = ay.queries, ax.queries  # (nty, Ty), (ntx, Tx)
-    k_y, k_x = ay.halo, ax.halo  # (nty, Ky), (ntx, Kx)
-    rank_y = ay.rank[q_y[:, :, None], k_y[:, None, :]]  # (nty, Ty, Ky)
-    rank_x = ax.rank[q_x[:, :, None], k_x[:, None, :]]  # (ntx, Tx, Kx)
-    base = indptr[q_y[:, None, :, None] * X + q_x[None, :, None, :]]  # (nty, ntx, Ty, Tx)
-    eid = (
-        base[..., None, None]
-        + rank_y[:, None, :, None, :, None] * ax.count[q_x][None, :, None, :, None, None]
-        + rank_x[None, :, None, :, None, :]
-    )  # (nty, ntx, Ty, Tx, Ky, Kx)
-    mask = ay.tile_allowed[:, None, :, None, :, None] & ax.tile_allowed[None, :, None, :, None, :]
-    pos_edge = torch.where(mask, eid, torch.full_like(eid, E)).reshape(-1)  # (P,)
-    mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf")).reshape(nty * ntx, Ty * Tx, Ky * Kx)
+    def place(t: Tensor, *dims: int, ndim: int = 3 * n) -> Tensor:  # put t's dims at `dims` of an ndim-d view
+        return t.reshape([t.shape[dims.index(j)] if j in dims else 1 for j in range(ndim)])
+
+    # dense positions, laid out (nt_0.., T_0.., K_0..): edge id = indptr[query] + sum_a rank_a * prod_{b>a} count_b
+    qnode = _ravel([place(a.queries, i, n + i) for i, a in enumerate(axes)], shape)  # (nt.., T.., 1..)
+    eid, step = indptr[qnode], 1
+    allowed = torch.ones((), dtype=torch.bool)
+    for i in reversed(range(n)):
+        a = axes[i]
+        eid = eid + place(a.tile_rank, i, n + i, 2 * n + i) * step
+        step = step * place(a.count[a.queries], i, n + i)
+        allowed = allowed & place(a.tile_rank >= 0, i, n + i, 2 * n + i)
+    allowed = allowed.expand(nts + Ts + Ks)
+    pos_edge = torch.where(allowed, eid, E).reshape(-1)  # (P,)
+    T, Qt, Kt = math.prod(nts), math.prod(Ts), math.prod(Ks)
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, float("-inf")).reshape(T, Qt, Kt)
     assert bool((pos_edge[edge_pos] == torch.arange(E)).all()), "edge_pos and pos_edge must agree"
-    query_nodes = (q_y[:, None, :, None] * X + q_x[None, :, None, :]).reshape(-1)  # (T*Qt,)
-    key_nodes = (k_y[:, None, :, None] * X + k_x[None, :, None, :]).reshape(-1)  # (T*Kt,)
-    owner = (((ay.owner // Ty)[:, None] * ntx + (ax.owner // Tx)[None, :]) * (Ty * Tx)
-             + (ay.owner % Ty)[:, None] * Tx + (ax.owner % Tx)[None, :]).reshape(-1)  # (N,)
-    assert bool((query_nodes[owner] == torch.arange(Y * X)).all()), "owners must be copies of their node"
-    gathers = (RowGather.build(query_nodes, Y * X), RowGather.build(key_nodes, Y * X), RowGather.build(owner, query_nodes.numel()))
-    identity = ay.identity and ax.identity
+    query_nodes = qnode.expand(nts + Ts + [1] * n).reshape(-1)  # (T*Qt,)
+    key_nodes = _ravel([place(a.halo, i, n + i, ndim=2 * n) for i, a in enumerate(axes)], shape).reshape(-1)  # (T*Kt,)
+    tile = _ravel([place(a.owner // t, i, ndim=n) for i, (a, t) in enumerate(zip(axes, Ts))], nts)
+    slot = _ravel([place(a.owner % t, i, ndim=n) for i, (a, t) in enumerate(zip(axes, Ts))], Ts)
+    owner = (tile * Qt + slot).reshape(-1)  # (N,)
+    assert bool((query_nodes[owner] == torch.arange(N)).all()), "owners must be copies of their node"
+    gathers = (RowGather.build(query_nodes, N), RowGather.build(key_nodes, N), RowGather.build(owner, query_nodes.numel()))
+    identity = all(a.identity for a in axes)
     keys_are_queries = identity and torch.equal(key_nodes, query_nodes)
     full = bool((pos_edge < E).all())
-    return Tiling(ay, ax, edge_pos, pos_edge, mask, *gathers, keys_are_queries, full), src, dst
-
-
-def _neighbors(allowed: Tensor) -> Tensor:
-    """(L, max count) allowed key positions of each query in increasing order (padded with 0)."""
-    L = allowed.shape[0]
-    order = torch.argsort((~allowed).to(torch.int8), dim=1, stable=True)  # allowed first, in order
-    return order[:, : int(allowed.sum(1).max())] if L else order
+    return Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, keys_are_queries, full), src, dst
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -272,8 +294,8 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     out = []
     if opts.get("score", "dot") != "dot":
         out.append(f"the structured backend runs score='dot' only, got {opts.get('score')!r}")
-    Y, X = tiling.shape
-    if graph.num_src != Y * X or graph.num_dst != Y * X or graph.num_edges != tiling.num_edges:
+    N = tiling.num_nodes
+    if graph.num_src != N or graph.num_dst != N or graph.num_edges != tiling.num_edges:
         out.append("graph does not match its structure (edges or node counts differ)")
     if tiling.device != graph.device:
         out.append(f"structure tensors are on {tiling.device} but the graph is on {graph.device}; rebuild the graph on that device")
@@ -326,12 +348,16 @@ def sparse_attention(
     tl = tiling_of(graph)
     H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
     T, Qt, Kt = tl.mask.shape
-    nty, Ty = tl.y.queries.shape
-    ntx, Tx = tl.x.queries.shape
+    n = len(tl.axes)
+    nts = [a.queries.shape[0] for a in tl.axes]
+    Ts = [a.queries.shape[1] for a in tl.axes]
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
     if tl.identity:  # tiles are blocks of the grid: one permuting copy
+        interleaved = [s for pair in zip(nts, Ts) for s in pair]  # (nt_0, T_0, nt_1, T_1, ...)
+        to_tiles = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
+
         def blocks(t: Tensor) -> Tensor:
-            return t.view(H, nty, Ty, ntx, Tx, -1).permute(0, 1, 3, 2, 4, 5).reshape(H * T, Qt, t.shape[-1])
+            return t.view(H, *interleaved, t.shape[-1]).permute(to_tiles).reshape(H * T, Qt, t.shape[-1])
 
         Q = blocks(q)
     else:
@@ -368,7 +394,8 @@ def sparse_attention(
             a = a * w.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
         o = torch.bmm(a, V)  # (H*T, Qt, Dv)
     if tl.identity:
-        o = o.view(H, nty, ntx, Ty, Tx, Dv).permute(0, 1, 3, 2, 4, 5).reshape(H, -1, Dv)  # (H, N, Dv)
+        to_grid = [0] + [j for i in range(n) for j in (1 + i, 1 + n + i)] + [2 * n + 1]
+        o = o.view(H, *nts, *Ts, Dv).permute(to_grid).reshape(H, -1, Dv)  # (H, N, Dv)
     else:
         o = tl.owner(o.view(H, T * Qt, Dv))  # (H, N, Dv)
     out = o.transpose(0, 1)  # (N, H, Dv)

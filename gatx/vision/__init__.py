@@ -1,9 +1,8 @@
 """Vision attention as grid graphs: neighborhood and (shifted) window attention on gatx's sparse kernel."""
-from .attention import NeighborhoodAttention2d, WindowAttention
+from .attention import (
+    NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d, WindowAttention, WindowAttention3d,
+)
 from .grid import GridStructure, neighborhood_graph, window_graph
-from .acmix import ACmix
-from .outlook import OutlookAttention
-from .unfold import UnfoldStructure, fold, unfold_graph
 
 __all__ = ["GridStructure", "NeighborhoodAttention2d", "WindowAttention", "neighborhood_graph", "window_graph"]
-__all__ += ["ACmix", "OutlookAttention", "UnfoldStructure", "fold", "unfold_graph"]
+__all__ += ["NeighborhoodAttention1d", "NeighborhoodAttention3d", "WindowAttention3d"]

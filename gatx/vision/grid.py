@@ -1,20 +1,24 @@
 """Grid graphs for vision attention: neighborhood attention (NATTEN) and (shifted) windows (Swin).
 
-A Y x X feature map is a graph of ``N = Y * X`` nodes, node ``y * X + x``; an edge ``key -> query``
-is one allowed attention pair. Both kinds are *separable*: a query (y, x) sees a key (ky, kx) iff
-``ky`` is allowed for ``y`` on the row axis and ``kx`` for ``x`` on the column axis. Edges are sorted
-by query, then by key in row-major order. Each graph carries a :class:`GridStructure` with the
-per-edge relative offsets, the row of the relative position bias table each edge reads, and the
+A grid of 1, 2 or 3 axes, e.g. a sequence (L,), an image (Y, X) or a video (T, Y, X), is a graph of
+``N = prod(shape)`` nodes numbered row-major (node ``y * X + x`` on an image); an edge
+``key -> query`` is one allowed attention pair. Both kinds are *separable*: a query sees a key iff,
+on every axis, the key's coordinate is allowed for the query's. Edges are sorted by query, then by
+key in row-major order. Each graph carries a :class:`GridStructure` with the per-edge relative
+offsets (E, ndim), the row of the relative position bias table each edge reads, and the
 :class:`~gatx.backends.structured.Tiling` that the structured backend uses for its dense fast path.
 
-Builders are cached per (shape, arguments, device), 32 graphs per kind (about 16 MB for a 56 x 56
-map with k = 7): calling one in every forward pass is a lookup.
+Per-axis arguments (kernel / window size, dilation, shift, causality) take an int (or bool) for
+every axis or a tuple with one value per axis. Builders are cached per (shape, arguments, device),
+32 graphs per kind (about 16 MB for a 56 x 56 map with k = 7): calling one in every forward pass is
+a lookup.
 """
 from __future__ import annotations
 
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -24,38 +28,50 @@ from ..graph import Graph
 
 __all__ = ["GridStructure", "neighborhood_graph", "window_graph"]
 
-# Query tile length per axis for neighborhoods: 7 x 7 queries read a (6 + k) x (6 + k) halo of keys.
-# On CPU (56 x 56 map, k = 7, fwd + bwd) tiles of 7 and 8 were fastest among 4..14; 7 by ~10% with a
-# bias (fewer masked score entries), 8 and 7 alike without.
-TILE = 7
+# Query tile length per axis for neighborhoods, by number of axes. 2-D: 7 x 7 queries read a
+# (6 + k) x (6 + k) halo; on CPU (56 x 56, k = 7, fwd + bwd) 7 and 8 were fastest among 4..14.
+# 3-D tiles of 4 x 4 x 4 keep about as many queries per tile; 1-D tiles of 16 amortise the halo.
+TILE = {1: 16, 2: 7, 3: 4}
+_SEQ = (tuple, list, torch.Size)
+
+
+def _fmt(values: tuple) -> str:
+    """One value when every axis has it, else the tuple."""
+    return str(values[0]) if len(set(values)) == 1 else str(values)
 
 
 @dataclass(frozen=True, eq=False)
 class GridStructure:
-    """What a grid graph is: its kind, parameters, per-edge offsets and its kernel tiling.
+    """What a grid graph is: its kind, per-axis parameters, per-edge offsets and its kernel tiling.
 
-    ``kind`` is ``"neighborhood"`` (``size`` = kernel size) or ``"window"`` (``size`` = window size).
-    ``offsets`` (E, 2) int64 per-edge (dy, dx) in the convention of the reference implementation:
+    ``kind`` is ``"neighborhood"`` (``size`` = kernel size) or ``"window"`` (``size`` = window size);
+    ``shape``, ``size``, ``dilation``, ``shift`` and ``is_causal`` hold one entry per axis.
+    ``offsets`` (E, ndim) int64 per-edge offsets in the convention of the reference implementation:
     NATTEN's ``(key - query) / dilation`` for neighborhoods, Swin's ``query - key`` for windows.
-    ``rel_pos_index`` (E,) is the row of a ``((2 * size - 1) ** 2, H)`` bias table that each edge
-    reads: ``(dy + size - 1) * (2 * size - 1) + (dx + size - 1)``.
+    ``rel_pos_index`` (E,) is the row of a ``(prod(2 * size - 1), H)`` bias table that each edge
+    reads: the offsets shifted by ``size - 1`` and flattened row-major with radix ``2 * size - 1``
+    (for 2-D: ``(dy + k - 1) * (2k - 1) + (dx + k - 1)``; Video Swin's 3-D index likewise).
     """
 
     kind: str
-    height: int
-    width: int
-    size: int
-    dilation: int
-    shift: int
+    shape: tuple[int, ...]
+    size: tuple[int, ...]
+    dilation: tuple[int, ...]
+    shift: tuple[int, ...]
+    is_causal: tuple[bool, ...]
     offsets: Tensor
     rel_pos_index: Tensor
     tiling: Tiling
     rel_pos_gather: RowGather
 
     @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
     def table_size(self) -> int:
-        """Rows of the relative position bias table: ``(2 * size - 1) ** 2``."""
-        return (2 * self.size - 1) ** 2
+        """Rows of the relative position bias table: ``prod(2 * size - 1)``."""
+        return math.prod(2 * s - 1 for s in self.size)
 
     def relative_position_bias(self, table: Tensor, batch: int = 1) -> Tensor:
         """Per-edge bias (E, batch * H) from a ``(table_size, H)`` table, repeated over a batch.
@@ -66,7 +82,7 @@ class GridStructure:
         """
         if table.dim() != 2 or table.shape[0] != self.table_size:
             raise ValueError(
-                f"the relative position bias table must have shape ({self.table_size}, H) for size {self.size}, "
+                f"the relative position bias table must have shape ({self.table_size}, H) for size {_fmt(self.size)}, "
                 f"got {tuple(table.shape)}"
             )
         t = table.t()  # (H, rows)
@@ -75,16 +91,67 @@ class GridStructure:
         return self.rel_pos_gather(t).t()  # (E, B*H)
 
     def __repr__(self) -> str:
-        extra = f"kernel_size={self.size}, dilation={self.dilation}" if self.kind == "neighborhood" else (
-            f"window_size={self.size}, shift={self.shift}"
-        )
-        return f"GridStructure({self.kind}, {self.height}x{self.width}, {extra})"
+        if self.kind == "neighborhood":
+            extra = f"kernel_size={_fmt(self.size)}, dilation={_fmt(self.dilation)}"
+            extra += f", is_causal={_fmt(self.is_causal)}" if any(self.is_causal) else ""
+        else:
+            extra = f"window_size={_fmt(self.size)}, shift={_fmt(self.shift)}"
+        return f"GridStructure({self.kind}, {'x'.join(map(str, self.shape))}, {extra})"
+
+
+# ------------------------------------------------------------------------------- arguments
 
 
 def _check_int(value: object, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def _per_axis(value: Any, n: int, name: str, minimum: int) -> tuple[int, ...]:
+    """An int for every axis, or a tuple with one int per axis."""
+    if isinstance(value, _SEQ):
+        if len(value) != n:
+            raise ValueError(f"{name} needs one value per axis ({n} axes), got {tuple(value)!r}; or pass one int for all")
+        return tuple(_check_int(v, name, minimum) for v in value)
+    return (_check_int(value, name, minimum),) * n
+
+
+def _per_axis_bool(value: Any, n: int, name: str) -> tuple[bool, ...]:
+    values = tuple(value) if isinstance(value, _SEQ) else (value,) * n
+    if len(values) != n or not all(isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} must be a bool or a tuple of {n} bools (one per axis), got {value!r}")
+    return values
+
+
+def _bind(fn: str, shape: Any, args: tuple, named: dict[str, Any]) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """The grid shape and named arguments of either call form of a builder.
+
+    ``fn(shape_tuple, size, third)`` or the 2-D form ``fn(height, width, size, third)``; any of them
+    may be given by keyword (``named`` holds height, width, size, third; None = not given).
+    """
+    if isinstance(shape, _SEQ):
+        if named["height"] is not None or named["width"] is not None:
+            raise TypeError(f"{fn}() takes a shape tuple or height and width, not both")
+        order, positional = list(named)[2:], list(args)
+    else:
+        order, positional = list(named), ([] if shape is None else [shape]) + list(args)
+    if len(positional) > len(order):
+        raise TypeError(f"{fn}() takes at most {len(order)} positional values ({', '.join(order)}), got {len(positional)}")
+    for name, value in zip(order, positional):
+        if named[name] is not None:
+            raise TypeError(f"{fn}() got multiple values for {name!r}")
+        named[name] = value
+    if not isinstance(shape, _SEQ):
+        if named["height"] is None or named["width"] is None:
+            raise TypeError(f"{fn}() needs a shape tuple, e.g. {fn}((T, Y, X), ...), or height and width")
+        shape = (named["height"], named["width"])
+    shape = tuple(shape)
+    if not 1 <= len(shape) <= 3:
+        raise ValueError(f"{fn}() builds grids of 1, 2 or 3 axes, got shape {shape!r}")
+    for i, L in enumerate(shape):
+        _check_int(L, "height" if len(shape) == 2 and i == 0 else "width" if len(shape) == 2 else f"shape[{i}]", 1)
+    return shape, named
 
 
 def _device_key(device: torch.device | str | None) -> str:
@@ -94,34 +161,42 @@ def _device_key(device: torch.device | str | None) -> str:
 # ------------------------------------------------------------------------------- one axis
 
 
-def _neighborhood_axis(L: int, k: int, d: int) -> tuple[Tensor, Tensor, list[list[int]]]:
-    """Allowed (L, L), offsets (L, L) and query tiles of a dilated, clamped 1-D neighborhood.
+def _tiles(members: list[list[int]], tile: int) -> list[list[int]]:
+    """Balanced query tiles of at most ``tile`` consecutive members of each group."""
+    longest = max(len(m) for m in members)
+    t = math.ceil(longest / math.ceil(longest / tile))
+    out = []
+    for m in members:
+        for j in range(math.ceil(len(m) / t)):
+            s = min(j * t, max(len(m) - t, 0))  # the last tile overlaps the previous one instead of padding
+            out.append(m[s : s + t])
+    return out
 
-    Position p lies in group ``p % d`` at index ``p // d``; inside its group (of length ``L_g``) it
-    sees the k consecutive members starting at ``clamp(p // d - k // 2, 0, L_g - k)``: the window
-    shifts inward at the borders and is never truncated.
+
+def _neighborhood_axis(L: int, k: int, d: int, causal: bool, tile: int) -> tuple[Tensor, Tensor, list[list[int]]]:
+    """Sorted keys (L, k), key counts (L,) and query tiles of a dilated 1-D neighborhood.
+
+    Position p lies in group ``p % d`` at index ``p // d`` and sees members of its group only.
+    Non-causal: the k consecutive members starting at ``clamp(p // d - k // 2, 0, L_g - k)`` (the
+    window shifts inward at the borders, never truncated). Causal: the members at indices
+    ``p // d - k + 1 .. p // d`` that exist (fewer than k near the start), as NATTEN.
     """
     p = torch.arange(L)
     group, index = p % d, p // d
     group_len = (L - group + d - 1) // d  # (L,)
-    start = torch.minimum((index - k // 2).clamp(min=0), group_len - k)  # (L,)
-    key_index = index[None, :]
-    allowed = (group[:, None] == group[None, :]) & (key_index >= start[:, None]) & (key_index < start[:, None] + k)
-    offsets = torch.div(p[None, :] - p[:, None], d, rounding_mode="floor")  # key - query, in steps of d
-    longest = int(group_len.max())
-    t = math.ceil(longest / math.ceil(longest / TILE))  # balanced tiles of at most TILE queries
-    tiles = []
-    for g in range(d):
-        members = list(range(g, L, d))
-        m = len(members)
-        for j in range(math.ceil(m / t)):
-            s = min(j * t, max(m - t, 0))  # the last tile overlaps the previous one instead of padding
-            tiles.append(members[s : s + t])
-    return allowed, offsets, tiles
+    if causal:
+        start = (index - k + 1).clamp(min=0)
+        count = index - start + 1
+    else:
+        start = torch.minimum((index - k // 2).clamp(min=0), group_len - k)  # (L,)
+        count = torch.full((L,), k)
+    j = torch.minimum(torch.arange(k)[None, :], count[:, None] - 1)  # padding repeats the last key
+    keys = (start[:, None] + j) * d + group[:, None]  # (L, k)
+    return keys, count, _tiles([list(range(g, L, d)) for g in range(d)], tile)
 
 
 def _window_axis(L: int, w: int, s: int) -> tuple[Tensor, Tensor, list[list[int]]]:
-    """Allowed (L, L), offsets (L, L) and query tiles of 1-D windows of size w shifted by s.
+    """Sorted keys (L, min(w, L)), key counts (L,) and query tiles of 1-D windows of size w shifted by s.
 
     Position p lies in window ``floor((p - s) / w)``: windows ``[s + j*w, s + (j+1)*w)`` clipped to
     ``[0, L)``, plus ``[0, s)`` when s > 0. Tiles pack whole windows in Swin's cyclic order (starting
@@ -129,8 +204,11 @@ def _window_axis(L: int, w: int, s: int) -> tuple[Tensor, Tensor, list[list[int]
     """
     p = torch.arange(L)
     group = torch.div(p - s, w, rounding_mode="floor")
-    allowed = group[:, None] == group[None, :]
-    offsets = p[:, None] - p[None, :]  # query - key (Swin)
+    lo = (group * w + s).clamp(min=0)
+    hi = (group * w + s + w).clamp(max=L)
+    count = hi - lo  # (L,)
+    C = int(count.max())
+    keys = lo[:, None] + torch.minimum(torch.arange(C)[None, :], count[:, None] - 1)  # (L, C)
     runs: list[list[int]] = []
     for pos in list(range(min(s, L), L)) + list(range(min(s, L))):
         if runs and group[pos] == group[runs[-1][-1]]:
@@ -144,96 +222,135 @@ def _window_axis(L: int, w: int, s: int) -> tuple[Tensor, Tensor, list[list[int]
             tiles[-1] = tiles[-1] + run
         else:
             tiles.append(list(run))
-    return allowed, offsets, tiles
+    return keys, count, tiles
 
 
-def _build(kind: str, Y: int, X: int, size: int, dilation: int, shift: int, axes, device: str) -> Graph:
-    (ay, oy, ty), (ax, ox, tx) = axes
-    tiling, src, dst = grid_tiling(axis_tiling(ay, ty), axis_tiling(ax, tx))
-    qy, qx, ky, kx = dst // X, dst % X, src // X, src % X
-    offsets = torch.stack([oy[qy, ky], ox[qx, kx]], 1)  # (E, 2)
-    assert int(offsets.abs().max()) <= size - 1, "offsets must index the bias table"
-    rel = (offsets[:, 0] + size - 1) * (2 * size - 1) + (offsets[:, 1] + size - 1)  # (E,)
+def _build(kind: str, shape: tuple, size: tuple, dilation: tuple, shift: tuple, causal: tuple, axes, device: str) -> Graph:
+    tiling, src, dst = grid_tiling(*(axis_tiling(keys, count, tiles) for keys, count, tiles in axes))
+    n, qs, ks = len(shape), [], []
+    for q_or_k, out in ((dst, qs), (src, ks)):
+        rem = q_or_k
+        for L in reversed(shape):
+            out.insert(0, rem % L)
+            rem = rem // L
+    if kind == "neighborhood":  # NATTEN: (key - query) / dilation (exact: both lie in one group)
+        offsets = torch.stack([torch.div(k - q, d, rounding_mode="floor") for q, k, d in zip(qs, ks, dilation)], 1)
+    else:  # Swin: query - key
+        offsets = torch.stack([q - k for q, k in zip(qs, ks)], 1)  # (E, n)
+    rel = torch.zeros(offsets.shape[0], dtype=torch.int64)
+    for a in range(n):
+        assert int(offsets[:, a].abs().max()) <= size[a] - 1, "offsets must index the bias table"
+        rel = rel * (2 * size[a] - 1) + offsets[:, a] + size[a] - 1  # (E,)
     dev = torch.device(device)
-    gather = RowGather.build(rel, (2 * size - 1) ** 2).to(dev)
-    structure = GridStructure(kind, Y, X, size, dilation, shift, offsets.to(dev), rel.to(dev), tiling.to(dev), gather)
-    return Graph(src.to(dev), dst.to(dev), Y * X, Y * X, structure=structure)
+    gather = RowGather.build(rel, math.prod(2 * s - 1 for s in size)).to(dev)
+    structure = GridStructure(kind, shape, size, dilation, shift, causal, offsets.to(dev), rel.to(dev), tiling.to(dev), gather)
+    N = math.prod(shape)
+    return Graph(src.to(dev), dst.to(dev), N, N, structure=structure)
 
 
 # ------------------------------------------------------------------------------- builders
 
 
 def neighborhood_graph(
-    height: int, width: int, kernel_size: int, dilation: int = 1, *, device: torch.device | str | None = None
+    shape: int | Sequence[int] | None = None, *args: Any, kernel_size: int | Sequence[int] | None = None,
+    dilation: int | Sequence[int] | None = None, is_causal: bool | Sequence[bool] = False,
+    height: int | None = None, width: int | None = None, device: torch.device | str | None = None,
 ) -> Graph:
-    """The graph of 2-D neighborhood attention (NATTEN semantics) on a ``height x width`` map.
+    """The graph of neighborhood attention (NATTEN's ``na1d`` / ``na2d`` / ``na3d``) on a 1-, 2- or 3-d grid.
 
-    Every query attends to exactly ``kernel_size ** 2`` keys: per axis, ``kernel_size`` positions
-    spaced by ``dilation`` around it, the window shifted inward at the borders (never truncated).
-    Dilation splits each axis into ``dilation`` interleaved groups (positions ``p % dilation``)
-    that never see each other. Needs ``height, width >= kernel_size * dilation`` and an odd kernel.
+    Call forms: ``neighborhood_graph(shape, kernel_size, dilation=1, *, is_causal=False, device=None)``
+    with ``shape`` a tuple of 1 to 3 sides, e.g. ``(T, Y, X)``, and the 2-D form
+    ``neighborhood_graph(height, width, kernel_size, dilation=1, *, device=None)``. ``kernel_size``,
+    ``dilation`` and ``is_causal`` take one value for every axis or a tuple with one per axis.
 
-    A query's edges list its keys in row-major (ky, kx) order, NATTEN's attention layout: the
+    Per axis, a query sees ``kernel_size`` positions spaced by ``dilation``: around it, the window
+    shifted inward at the borders (never truncated), or, on a causal axis, the positions at or
+    before it (fewer near the start of the axis). Dilation splits an axis into ``dilation``
+    interleaved groups (positions ``p % dilation``) that never see each other. Needs every side
+    ``>= kernel_size * dilation`` (as NATTEN). Even kernels follow NATTEN: ``k // 2`` keys before
+    the query and ``k // 2 - 1`` after, away from the borders.
+
+    A query's edges list its keys in row-major order, NATTEN's attention layout: on an image the
     ``(E, H)`` attention reshapes to ``(height, width, kernel_size, kernel_size, H)``. Offsets follow
-    NATTEN's relative position bias: ``(key - query) / dilation`` per axis.
+    NATTEN's relative position bias: ``(key - query) / dilation`` per axis (in ``[-(k-1), 0]`` on a
+    causal axis), indexing a ``prod(2k - 1)``-row table.
 
     >>> g = neighborhood_graph(8, 8, 3)
     >>> g.num_edges, g.structure
     (576, GridStructure(neighborhood, 8x8, kernel_size=3, dilation=1))
+    >>> neighborhood_graph((4, 6, 6), kernel_size=(3, 5, 5), is_causal=(True, False, False)).structure
+    GridStructure(neighborhood, 4x6x6, kernel_size=(3, 5, 5), dilation=1, is_causal=(True, False, False))
     """
-    _check_int(height, "height", 1)
-    _check_int(width, "width", 1)
-    _check_int(kernel_size, "kernel_size", 1)
-    _check_int(dilation, "dilation", 1)
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (a window centred on its query, as in NATTEN), got {kernel_size}")
-    if min(height, width) < kernel_size * dilation:
+    named = dict(height=height, width=width, kernel_size=kernel_size, dilation=dilation)
+    shape, named = _bind("neighborhood_graph", shape, args, named)
+    n = len(shape)
+    if named["kernel_size"] is None:
+        raise TypeError("neighborhood_graph() needs kernel_size")
+    k = _per_axis(named["kernel_size"], n, "kernel_size", 1)
+    d = _per_axis(1 if named["dilation"] is None else named["dilation"], n, "dilation", 1)
+    causal = _per_axis_bool(is_causal, n, "is_causal")
+    if any(L < ka * da for L, ka, da in zip(shape, k, d)):
         raise ValueError(
-            f"neighborhood attention needs height and width >= kernel_size * dilation = {kernel_size * dilation}, "
-            f"got {height}x{width}; use a smaller kernel_size or dilation, or pad the input"
+            f"neighborhood attention needs every side >= kernel_size * dilation = {_fmt(tuple(a * b for a, b in zip(k, d)))}, "
+            f"got {'x'.join(map(str, shape))}; use a smaller kernel_size or dilation, or pad the input"
         )
-    return _neighborhood_graph(height, width, kernel_size, dilation, _device_key(device))
+    return _neighborhood_graph(shape, k, d, causal, _device_key(device))
 
 
 @functools.lru_cache(maxsize=32)
-def _neighborhood_graph(Y: int, X: int, k: int, d: int, device: str) -> Graph:
-    axes = (_neighborhood_axis(Y, k, d), _neighborhood_axis(X, k, d))
-    return _build("neighborhood", Y, X, k, d, 0, axes, device)
+def _neighborhood_graph(shape: tuple, k: tuple, d: tuple, causal: tuple, device: str) -> Graph:
+    tile = TILE[len(shape)]
+    axes = [_neighborhood_axis(L, ka, da, ca, tile) for L, ka, da, ca in zip(shape, k, d, causal)]
+    return _build("neighborhood", shape, k, d, (0,) * len(shape), causal, axes, device)
 
 
 def window_graph(
-    height: int, width: int, window_size: int, shift: int = 0, *, device: torch.device | str | None = None
+    shape: int | Sequence[int] | None = None, *args: Any, window_size: int | Sequence[int] | None = None,
+    shift: int | Sequence[int] | None = None, height: int | None = None, width: int | None = None,
+    device: torch.device | str | None = None,
 ) -> Graph:
-    """The graph of Swin's (shifted) window attention on a ``height x width`` map.
+    """The graph of (shifted) window attention (Swin, Video Swin) on a 1-, 2- or 3-d grid.
 
-    Without a shift, the map is cut into ``window_size x window_size`` windows from the top-left
-    corner; tokens attend within their window. With a shift ``0 < shift < window_size``, tokens are
-    grouped exactly as Swin's cyclic roll by ``-shift`` plus its attention mask group them: per axis
-    ``[0, shift)``, ``[shift, shift + w)``, ``[shift + w, shift + 2w)``, ... No roll and no mask
-    tensor are needed: the graph holds exactly the allowed pairs.
+    Call forms: ``window_graph(shape, window_size, shift=0, *, device=None)`` with ``shape`` a tuple
+    of 1 to 3 sides, e.g. ``(T, Y, X)``, and the 2-D form ``window_graph(height, width, window_size,
+    shift=0, *, device=None)``. ``window_size`` and ``shift`` take one int for every axis or a tuple
+    with one per axis, each shift in ``[0, window_size)``.
+
+    Without a shift, each axis is cut into windows from its start; tokens attend within their
+    window (the product of the per-axis windows). With a shift ``0 < s < w`` on an axis, tokens are
+    grouped exactly as Swin's cyclic roll by ``-s`` plus its attention mask group them: per axis
+    ``[0, s)``, ``[s, s + w)``, ``[s + w, s + 2w)``, ... (Video Swin's 3-D mask is the same product
+    over three axes). No roll and no mask tensor are needed: the graph holds exactly the allowed pairs.
 
     When a side is not a multiple of the window, the last window on that side is cut short (windows
-    never wrap around). This equals padding the map at the bottom / right to a multiple of the window,
-    running Swin's (shifted) window attention there with the padded tokens masked out as keys, and
-    cropping. (timm and Swin's detection code pad too, but let padded zeros take part as keys.)
-    A window larger than the map is one window over that whole side; no argument is changed silently.
+    never wrap around). This equals padding the grid at the end of each axis to a multiple of the
+    window, running (shifted) window attention there with the padded tokens masked out as keys, and
+    cropping. (timm, Swin's detection code and Video Swin pad too, but let padded zeros take part as
+    keys.) A window larger than a side is one window over that whole side; no argument is changed
+    silently (Video Swin shrinks such a window to the side and drops its shift: pass those values
+    to match it on small inputs).
 
     Offsets follow Swin's relative position index: ``query - key`` per axis.
 
     >>> g = window_graph(8, 8, 4, shift=2)
     >>> g.num_edges, g.structure
     (576, GridStructure(window, 8x8, window_size=4, shift=2))
+    >>> window_graph((4, 8, 8), window_size=(2, 4, 4), shift=(1, 2, 2)).structure
+    GridStructure(window, 4x8x8, window_size=(2, 4, 4), shift=(1, 2, 2))
     """
-    _check_int(height, "height", 1)
-    _check_int(width, "width", 1)
-    _check_int(window_size, "window_size", 1)
-    _check_int(shift, "shift", 0)
-    if shift >= window_size:
-        raise ValueError(f"shift must be in [0, window_size={window_size}), got {shift}")
-    return _window_graph(height, width, window_size, shift, _device_key(device))
+    named = dict(height=height, width=width, window_size=window_size, shift=shift)
+    shape, named = _bind("window_graph", shape, args, named)
+    n = len(shape)
+    if named["window_size"] is None:
+        raise TypeError("window_graph() needs window_size")
+    w = _per_axis(named["window_size"], n, "window_size", 1)
+    s = _per_axis(0 if named["shift"] is None else named["shift"], n, "shift", 0)
+    if any(sa >= wa for sa, wa in zip(s, w)):
+        raise ValueError(f"shift must be in [0, window_size={_fmt(w)}) on every axis, got {_fmt(s)}")
+    return _window_graph(shape, w, s, _device_key(device))
 
 
 @functools.lru_cache(maxsize=32)
-def _window_graph(Y: int, X: int, w: int, s: int, device: str) -> Graph:
-    axes = (_window_axis(Y, w, s), _window_axis(X, w, s))
-    return _build("window", Y, X, w, 1, s, axes, device)
+def _window_graph(shape: tuple, w: tuple, s: tuple, device: str) -> Graph:
+    axes = [_window_axis(L, wa, sa) for L, wa, sa in zip(shape, w, s)]
+    return _build("window", shape, w, (1,) * len(shape), s, (False,) * len(shape), axes, device)

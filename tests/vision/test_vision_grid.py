@@ -42,7 +42,8 @@ def test_neighborhood_graph_matches_natten(Y, X, k, d):
     assert g.num_edges == Y * X * k * k and bool((g.in_degrees() == k * k).all())
     check_order(g)
     s = g.structure
-    assert isinstance(s, GridStructure) and (s.kind, s.size, s.dilation, s.table_size) == ("neighborhood", k, d, (2 * k - 1) ** 2)
+    assert isinstance(s, GridStructure) and (s.kind, s.shape, s.size, s.dilation, s.table_size) == (
+        "neighborhood", (Y, X), (k, k), (d, d), (2 * k - 1) ** 2)
     # offsets are NATTEN's (key - query) / dilation, and the bias row is built from them
     qy, qx, ky, kx = g.dst // X, g.dst % X, g.src // X, g.src % X
     assert torch.equal(s.offsets, torch.stack([(ky - qy) // d, (kx - qx) // d], 1))
@@ -92,7 +93,6 @@ def test_builders_are_cached():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: neighborhood_graph(8, 8, 4), "odd"),
         (lambda: neighborhood_graph(8, 8, 3, 3), "kernel_size \\* dilation"),
         (lambda: neighborhood_graph(8, 8, 0), "kernel_size"),
         (lambda: neighborhood_graph(8.0, 8, 3), "height"),
@@ -155,9 +155,10 @@ def test_relative_position_bias_gather(make, batch):
 def test_docstring_examples_run():
     import doctest
 
-    import gatx.vision.attention
     import gatx.vision.grid
+    import gatx.vision.neighborhood
+    import gatx.vision.window
 
-    for mod in (gatx.vision.grid, gatx.vision.attention):
+    for mod in (gatx.vision.grid, gatx.vision.neighborhood, gatx.vision.window):
         result = doctest.testmod(mod)
         assert result.attempted > 0 and result.failed == 0, f"{mod.__name__}: {result.failed} docstring examples failed"

@@ -149,7 +149,9 @@ def test_parameter_names_and_shapes():
     "call,match",
     [
         (lambda: NeighborhoodAttention2d(10, 3, 3), "divisible"),
-        (lambda: NeighborhoodAttention2d(12, 3, 4), "odd"),
+        (lambda: NeighborhoodAttention2d(12, 3, 0), "kernel_size"),
+        (lambda: NeighborhoodAttention2d(12, 3, (3, 3, 3)), "kernel_size"),
+        (lambda: NeighborhoodAttention2d(12, 3, 3, is_causal=(True,)), "is_causal"),
         (lambda: WindowAttention(12, 4, 3, shift_size=4), "shift_size"),
         (lambda: NeighborhoodAttention2d(12, 3, 3)(torch.randn(2, 12, 8, 8)), "channels last"),
         (lambda: NeighborhoodAttention2d(12, 3, 3)(torch.randn(8, 8, 12)), "channels last"),

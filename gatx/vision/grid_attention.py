@@ -1,0 +1,119 @@
+"""The shared base of the grid attention modules: one forward for every grid graph.
+
+The modules run ``gatx.ops.sparse_attention`` (the kernel GATConv uses) on a cached grid graph. A
+batch shares one graph: the batch is folded into the heads, q / k / v of shape (N, B*H, D) with
+head index ``b * H + h`` (passed as transposed views of head-major (B*H, N, D) tensors, the layout
+the structured backend works in), and the (E, H) relative position bias is repeated over the batch.
+Subclasses give the graph (:meth:`_GridAttention.grid_graph`) and their repr head.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..graph import Graph
+
+_LAYOUTS = {
+    1: ("(B, L, dim={dim})", "permute a (B, C, L) tensor with x.transpose(1, 2)"),
+    2: ("(B, height, width, dim={dim})", "permute a (B, C, H, W) tensor with x.permute(0, 2, 3, 1)"),
+    3: ("(B, T, height, width, dim={dim})", "permute a (B, C, T, H, W) tensor with x.permute(0, 2, 3, 4, 1)"),
+}
+
+
+def check_grid_input(x: Any, dim: int, ndim: int, name: str) -> None:
+    """A (B, *spatial, dim) channels-last tensor with ``ndim`` spatial axes and B >= 1, else ValueError."""
+    layout, hint = _LAYOUTS[ndim]
+    layout = layout.format(dim=dim)
+    if not isinstance(x, Tensor) or x.dim() != ndim + 2 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} expects input of shape {layout} (channels last), got {got}; {hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} got an empty batch (input shape {tuple(x.shape)}); pass at least one sample, shape {layout}")
+
+
+def per_axis(value: Any, n: int, name: str, minimum: int) -> tuple[int, ...]:
+    """An int for every axis or one per axis, validated; ValueError otherwise."""
+    values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n
+    if len(values) != n or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in values):
+        raise ValueError(f"{name} must be an int >= {minimum} or a tuple of {n} such ints (one per axis), got {value!r}")
+    return values
+
+
+def fmt(value: Any) -> str:
+    """A per-axis argument as the user would write it: one int when every axis has it."""
+    if isinstance(value, (tuple, list)) and len(set(value)) == 1:
+        return str(value[0])
+    return str(tuple(value)) if isinstance(value, list) else str(value)
+
+
+class _GridAttention(nn.Module):
+    """Shared parameters and forward: qkv projection, graph attention with relative position bias, proj.
+
+    ``ndim`` is the number of spatial axes of the input (B, *spatial, C); ``sizes`` the per-axis
+    kernel / window sizes that shape the relative position bias table, ``prod(2 * size - 1)`` rows.
+    """
+
+    ndim: int = 2
+
+    def __init__(
+        self, dim: int, num_heads: int, sizes: Sequence[int], qkv_bias: bool, qk_scale: float | None,
+        attn_drop: float, proj_drop: float, rel_pos_bias: bool, backend: str | None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim < 1 or dim % num_heads:
+            raise ValueError(f"dim must be divisible by num_heads (both positive ints), got dim={dim} and num_heads={num_heads}")
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qk_scale = qk_scale
+        self.scale = qk_scale if qk_scale is not None else self.head_dim ** -0.5
+        self.attn_drop = attn_drop
+        self.backend = backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        if rel_pos_bias:
+            self.relative_position_bias_table = nn.Parameter(torch.empty(math.prod(2 * s - 1 for s in sizes), num_heads))
+        else:
+            self.register_parameter("relative_position_bias_table", None)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default Linear init; bias tables from a truncated normal (std 0.02), as Swin and NATTEN."""
+        self.qkv.reset_parameters()
+        self.proj.reset_parameters()
+        for name, p in self.named_parameters(recurse=False):
+            if name.endswith("position_bias_table"):
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def grid_graph(self, shape: tuple[int, ...], device: torch.device) -> Graph:
+        """The (cached) grid graph this module attends over, for an input of spatial ``shape``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_grid_input(x, self.dim, self.ndim, type(self).__name__)
+        graph = self.grid_graph(tuple(x.shape[1:-1]), x.device)
+        return self._attend(x, graph, self.relative_position_bias_table)
+
+    def _attend(self, x: Tensor, graph: Graph, table: Tensor | None) -> Tensor:
+        """Attention of (B, *spatial, C) tokens over ``graph`` (nodes row-major over spatial), bias from ``table``."""
+        B, *S, C = x.shape
+        H, D, N = self.num_heads, self.head_dim, math.prod(S)
+        qkv = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)  # (3, B*H, N, D)
+        q, k, v = (t.transpose(0, 1) for t in qkv)  # (N, B*H, D) each, head-major in memory
+        bias = None if table is None else graph.structure.relative_position_bias(table, B)  # (E, B*H)
+        out = ops.sparse_attention(
+            graph, q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop, training=self.training,
+            backend=self.backend,
+        )  # (N, B*H, D)
+        out = out.transpose(0, 1).reshape(B, H, N, D).permute(0, 2, 1, 3).reshape(B, *S, C)
+        return self.proj_drop(self.proj(out))
+
+    def _common_repr(self) -> str:
+        s = f", qk_scale={self.qk_scale}" if self.qk_scale is not None else ""
+        s += f", attn_drop={self.attn_drop}" if self.attn_drop else ""
+        return s + (f", backend={self.backend!r}" if self.backend is not None else "")
