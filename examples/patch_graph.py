@@ -40,7 +40,7 @@ def knn_graph(h: Tensor, k: int) -> gatx.Graph:
         nearest = torch.cdist(h, h).topk(k, largest=False).indices  # (B, N, k) keys of each query
     src = (nearest + (torch.arange(B) * N).view(B, 1, 1)).flatten()
     dst = torch.arange(B * N).repeat_interleave(k)
-    return gatx.Graph(src, dst, B * N, B * N, validate=False)
+    return gatx.Graph(src, dst, B * N, B * N)
 
 
 class Block(nn.Module):

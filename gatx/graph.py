@@ -1,6 +1,7 @@
 """``gatx.Graph``: an immutable directed graph for attention, edges run src (key) -> dst (query)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import torch
@@ -47,7 +48,47 @@ def _as_index(t: Any, name: str) -> Tensor:
         )
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D with one entry per edge, got shape {tuple(t.shape)}")
-    return t.to(torch.int64)
+    return t.to(torch.int64, copy=True, memory_format=torch.contiguous_format)  # owned: the caller may reuse t
+
+
+def _tensors_of(obj: Any, depth: int = 0) -> list[tuple[str, Tensor]]:
+    """Every tensor held by a structure object (dataclass / named tuple / container fields, 4 levels deep)."""
+    if isinstance(obj, Tensor):
+        return [("", obj)]
+    if depth >= 4 or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        return []
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        items = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        items = list(zip(obj._fields, obj))
+    elif isinstance(obj, (list, tuple)):
+        items = [(str(i), x) for i, x in enumerate(obj)]
+    elif isinstance(obj, dict):
+        items = [(str(key), x) for key, x in obj.items()]
+    else:
+        return []
+    return [(f"{name}.{sub}" if sub else name, t) for name, x in items for sub, t in _tensors_of(x, depth + 1)]
+
+
+def _structure_edges(structure: Any) -> tuple[Tensor, Tensor] | None:
+    """The (src, dst) a ``gatx.vision`` structure describes, from its tiling (None: no tiling to read).
+
+    Uses ``structure.tiling.edges()`` when the tiling defines it, else the tiling contract of
+    :mod:`gatx.backends.structured`: ``edge_pos`` (E,) positions in the dense (T, Qt, Kt) layout of
+    ``mask``, ``query_nodes.index`` (T*Qt,) and ``key_nodes.index`` (T*Kt,) the node of every slot.
+    """
+    tiling = getattr(structure, "tiling", None)
+    if tiling is None:
+        return None
+    if callable(getattr(tiling, "edges", None)):
+        return tiling.edges()
+    try:
+        pos, (T, Qt, Kt) = tiling.edge_pos, tiling.mask.shape
+        dst = tiling.query_nodes.index[pos // Kt]  # (E,)
+        src = tiling.key_nodes.index[(pos // (Qt * Kt)) * Kt + pos % Kt]  # (E,)
+    except (AttributeError, ValueError, TypeError, IndexError, RuntimeError):
+        return None
+    return src, dst
 
 
 def _as_count(n: Any, name: str) -> int:
@@ -71,6 +112,12 @@ class Graph:
     and DGL sampling blocks (``is_block=True``: the first ``num_dst`` source nodes are the
     destination nodes) are first class. Input is validated here, once; kernels trust a ``Graph``.
 
+    A Graph owns its indices: ``src`` and ``dst`` are copied (int64) at construction, so the
+    caller may reuse its tensors. The tensors a Graph hands out (``src``, ``dst``, ``csr()``,
+    ``csc()``, ``in_degrees()``, the ``structure``'s tensors) must not be written to: each access
+    compares their version counters with the ones recorded when they were made (O(1)) and raises
+    ``ValueError`` if one changed, so an in-place write can never reach a kernel or a backward.
+
     Args:
         src: (E,) int source ids.
         dst: (E,) int destination ids.
@@ -79,7 +126,8 @@ class Graph:
         num_dst: number of destination nodes; default ``num_src``.
         is_block: the graph is a DGL-style block (dst nodes are a prefix of the src nodes).
         structure: optional description of a regular structure (set by ``gatx.vision`` builders),
-            used by kernels that have a dense-batched fast path.
+            used by kernels that have a dense-batched fast path; refused unless it describes exactly
+            these edges.
 
     Shapes:
         ``src``, ``dst``: (E,); ``in_degrees()``: (num_dst,).
@@ -89,7 +137,8 @@ class Graph:
     (3, 3, 3)
     """
 
-    __slots__ = ("_src", "_dst", "_num_src", "_num_dst", "_is_block", "_structure", "_csr", "_csc", "_dgl", "_in_deg")
+    __slots__ = ("_src", "_dst", "_num_src", "_num_dst", "_is_block", "_structure", "_csr", "_csc", "_dgl", "_in_deg",
+                 "_guards")
 
     def __init__(
         self,
@@ -100,49 +149,62 @@ class Graph:
         *,
         is_block: bool = False,
         structure: Any = None,
-        validate: bool = True,
     ) -> None:
-        if validate:
-            src = _as_index(src, "src")
-            dst = _as_index(dst, "dst")
-            if src.numel() != dst.numel():
+        src = _as_index(src, "src")
+        dst = _as_index(dst, "dst")
+        if src.numel() != dst.numel():
+            raise ValueError(
+                f"src and dst must have one entry per edge, got {src.numel()} sources and "
+                f"{dst.numel()} destinations"
+            )
+        if src.device != dst.device:
+            raise ValueError(
+                f"src and dst must be on the same device, got {src.device} and {dst.device}; "
+                "move them with .to(device)"
+            )
+        max_src = int(src.max()) if src.numel() else -1
+        max_dst = int(dst.max()) if dst.numel() else -1
+        min_id = min(int(src.min()), int(dst.min())) if src.numel() else 0
+        if min_id < 0:
+            raise ValueError(f"node ids must be non-negative, got {min_id}")
+        if num_src is None and num_dst is None:
+            num_src = num_dst = max(max_src, max_dst) + 1
+        elif num_src is None:
+            num_src = num_dst
+        elif num_dst is None:
+            num_dst = num_src
+        num_src = _as_count(num_src, "num_src")
+        num_dst = _as_count(num_dst, "num_dst")
+        if max_src >= num_src:
+            raise ValueError(
+                f"src ids must be < num_src={num_src}, got max id {max_src}; "
+                "pass a larger num_src or fix the edge list"
+            )
+        if max_dst >= num_dst:
+            raise ValueError(
+                f"dst ids must be < num_dst={num_dst}, got max id {max_dst}; "
+                "pass a larger num_dst or fix the edge list"
+            )
+        if is_block and num_dst > num_src:
+            raise ValueError(
+                f"a block's dst nodes are a prefix of its src nodes, so num_dst ({num_dst}) "
+                f"must be <= num_src ({num_src})"
+            )
+        if structure is not None:
+            described = _structure_edges(structure)
+            if described is not None and not (
+                described[0].numel() == src.numel()
+                and torch.equal(described[0].to(src.device), src) and torch.equal(described[1].to(dst.device), dst)
+            ):
                 raise ValueError(
-                    f"src and dst must have one entry per edge, got {src.numel()} sources and "
-                    f"{dst.numel()} destinations"
+                    f"structure {structure!r} does not describe this graph's edges (it holds "
+                    f"{described[0].numel()} edges, the graph {src.numel()}, or they differ); pass the "
+                    "structure only with the graph it was built for (e.g. gatx.vision.neighborhood_graph's)"
                 )
-            if src.device != dst.device:
-                raise ValueError(
-                    f"src and dst must be on the same device, got {src.device} and {dst.device}; "
-                    "move them with .to(device)"
-                )
-            max_src = int(src.max()) if src.numel() else -1
-            max_dst = int(dst.max()) if dst.numel() else -1
-            min_id = min(int(src.min()), int(dst.min())) if src.numel() else 0
-            if min_id < 0:
-                raise ValueError(f"node ids must be non-negative, got {min_id}")
-            if num_src is None and num_dst is None:
-                num_src = num_dst = max(max_src, max_dst) + 1
-            elif num_src is None:
-                num_src = num_dst
-            elif num_dst is None:
-                num_dst = num_src
-            num_src = _as_count(num_src, "num_src")
-            num_dst = _as_count(num_dst, "num_dst")
-            if max_src >= num_src:
-                raise ValueError(
-                    f"src ids must be < num_src={num_src}, got max id {max_src}; "
-                    "pass a larger num_src or fix the edge list"
-                )
-            if max_dst >= num_dst:
-                raise ValueError(
-                    f"dst ids must be < num_dst={num_dst}, got max id {max_dst}; "
-                    "pass a larger num_dst or fix the edge list"
-                )
-            if is_block and num_dst > num_src:
-                raise ValueError(
-                    f"a block's dst nodes are a prefix of its src nodes, so num_dst ({num_dst}) "
-                    f"must be <= num_src ({num_src})"
-                )
+        self._init(src, dst, num_src, num_dst, is_block, structure)
+
+    def _init(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int, is_block: bool, structure: Any) -> None:
+        """Set the fields from indices this graph owns and that are known to be valid."""
         self._src = src
         self._dst = dst
         self._num_src = int(num_src)
@@ -153,6 +215,42 @@ class Graph:
         self._csc: CSC | None = None
         self._dgl: Any = None
         self._in_deg: Tensor | None = None
+        self._guards: dict[str, tuple[tuple[str, Tensor, int], ...]] = {}
+        self._guard("edges", [("src", src), ("dst", dst)])
+        if structure is not None:
+            self._guard("structure", [(f"structure.{name}", t) for name, t in _tensors_of(structure)])
+
+    @classmethod
+    def _trusted(cls, src: Tensor, dst: Tensor, num_src: int, num_dst: int, *, is_block: bool = False,
+                 structure: Any = None) -> "Graph":
+        """A graph from int64 indices that gatx itself derived from a validated graph (no checks, no copy)."""
+        graph = cls.__new__(cls)
+        graph._init(src, dst, num_src, num_dst, is_block, structure)
+        return graph
+
+    # ------------------------------------------------------------------ immutability
+    def _guard(self, group: str, named: list[tuple[str, Tensor]]) -> None:
+        self._guards[group] = tuple((name, t, t._version) for name, t in named)
+
+    def _verify(self, group: str) -> None:
+        """Raise if a tensor of ``group`` was written in place since it was recorded (O(1) per tensor)."""
+        for name, t, version in self._guards.get(group, ()):
+            if t._version != version:
+                raise ValueError(
+                    f"graph.{name} was modified in place after the Graph was built; a Graph is immutable "
+                    "(kernels and backward passes rely on its validated indices). Build a new Graph "
+                    "(e.g. Graph(new_src, new_dst, ...)) instead of writing into one; a graph from a "
+                    "gatx.vision builder must not be written to either"
+                )
+
+    def is_intact(self) -> bool:
+        """False when a tensor this graph handed out was modified in place (it then refuses to be used)."""
+        try:
+            for group in self._guards:
+                self._verify(group)
+        except ValueError:
+            return False
+        return True
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -173,12 +271,13 @@ class Graph:
         return cls(edge_index[0], edge_index[1], num_nodes, num_nodes)
 
     @classmethod
-    def from_csr(cls, indptr: Tensor, src: Tensor, num_src: int | None = None) -> "Graph":
+    def from_csr(cls, indptr: Tensor, src: Tensor, num_src: int | None = None, *, structure: Any = None) -> "Graph":
         """From edges already grouped by destination: dst node ``i`` has the in-edges
         ``indptr[i]:indptr[i + 1]``, whose sources are ``src[indptr[i]:indptr[i + 1]]``.
 
         Edge ids follow that order, so the CSR is known without a sort (what a graph built per
-        forward pass, e.g. by routing, wants). ``num_src`` defaults to ``num_dst = len(indptr) - 1``.
+        forward pass, e.g. by routing, wants). ``num_src`` defaults to ``num_dst = len(indptr) - 1``;
+        ``structure`` is attached as in :class:`Graph`.
 
         >>> g = Graph.from_csr(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1]))
         >>> g.dst.tolist(), g.num_src
@@ -195,14 +294,20 @@ class Graph:
             raise ValueError(f"indptr[-1] must equal the number of edges, got {int(indptr[-1])} and {src_t.numel()} sources")
         num_dst = counts.numel()
         dst = torch.repeat_interleave(torch.arange(num_dst, device=indptr.device), counts)  # (E,)
-        graph = cls(src_t, dst.to(src_t.device), num_src if num_src is not None else num_dst, num_dst)
-        graph._in_deg = counts
+        graph = cls(src_t, dst.to(src_t.device), num_src if num_src is not None else num_dst, num_dst, structure=structure)
+        graph._in_deg = counts.to(src_t.device)
+        graph._guard("in_deg", [("in_degrees()", graph._in_deg)])
         graph._csr = CSR(indptr.to(src_t.device), torch.arange(src_t.numel(), device=src_t.device), graph._src)
+        graph._guard("csr", [("csr().indptr", graph._csr.indptr), ("csr().perm", graph._csr.perm)])
         return graph
 
     @classmethod
     def from_dgl(cls, g: Any) -> "Graph":
-        """From a homogeneous ``dgl.DGLGraph`` or a sampling block; edge ids are kept."""
+        """From a homogeneous ``dgl.DGLGraph`` or a sampling block; edge ids are kept.
+
+        Validated like any other input (a block whose ids exceed its node counts is refused); the
+        indices are copied, so later changes to ``g`` (``g.add_edges``) do not reach this graph.
+        """
         if len(g.canonical_etypes) != 1:
             raise ValueError(
                 f"gatx needs a graph with one edge type, got {len(g.canonical_etypes)}: "
@@ -212,8 +317,8 @@ class Graph:
         n_src, n_dst = g.num_src_nodes(), g.num_dst_nodes()
         if not g.is_block and n_src != n_dst and len(g.ntypes) == 1:
             raise ValueError(f"unexpected DGL graph with {n_src} src and {n_dst} dst nodes")
-        graph = cls(src.long(), dst.long(), n_src, n_dst, is_block=g.is_block, validate=False)
-        graph._dgl = g
+        graph = cls(src, dst, n_src, n_dst, is_block=g.is_block)
+        graph._dgl = g  # reused for its cached CSR / CSC while it still matches (see _dgl_graph)
         return graph
 
     @classmethod
@@ -248,9 +353,18 @@ class Graph:
         n = len(index)
         return cls(t[:, 0], t[:, 1], n, n)
 
+    def _dgl_graph(self) -> Any:
+        """The wrapped DGL graph while it still has this graph's counts (a user may mutate it), else None."""
+        g = self._dgl
+        if g is not None and (g.num_edges() != self.num_edges or g.num_src_nodes() != self._num_src
+                              or g.num_dst_nodes() != self._num_dst):
+            self._dgl = g = None
+        return g
+
     def to_dgl(self) -> Any:
         """This graph as a ``dgl.DGLGraph`` (a block when bipartite or ``is_block``); edge ids kept."""
-        if self._dgl is not None:
+        self._verify("edges")
+        if self._dgl_graph() is not None:
             return self._dgl
         from .backends.dgl import import_dgl
 
@@ -267,10 +381,14 @@ class Graph:
     # ------------------------------------------------------------------ properties
     @property
     def src(self) -> Tensor:
+        """(E,) int64 source ids (read-only: a Graph is immutable)."""
+        self._verify("edges")
         return self._src
 
     @property
     def dst(self) -> Tensor:
+        """(E,) int64 destination ids (read-only)."""
+        self._verify("edges")
         return self._dst
 
     @property
@@ -295,6 +413,9 @@ class Graph:
 
     @property
     def structure(self) -> Any:
+        if self._structure is not None:
+            self._verify("edges")
+            self._verify("structure")
         return self._structure
 
     @property
@@ -303,38 +424,64 @@ class Graph:
 
     @property
     def edge_index(self) -> Tensor:
-        """(2, E) PyG-style edge index."""
+        """(2, E) PyG-style edge index (a new tensor)."""
+        self._verify("edges")
         return torch.stack([self._src, self._dst])
 
     def in_degrees(self) -> Tensor:
         """(num_dst,) number of incoming edges of each dst node."""
+        self._verify("edges")
         if self._in_deg is None:
             self._in_deg = torch.bincount(self._dst, minlength=self._num_dst)
+            self._guard("in_deg", [("in_degrees()", self._in_deg)])
+        self._verify("in_deg")
         return self._in_deg
 
     def csr(self) -> CSR:
         """Edges grouped by dst (cached): see :class:`CSR`."""
-        if self._csr is None and self._dgl is not None:  # a wrapped DGL graph caches its own CSC: no sort
-            indptr, src, perm = (t.long() for t in self._dgl.adj_tensors("csc"))
-            self._csr = CSR(indptr, perm, src)
+        self._verify("edges")
+        if self._csr is None and self._dgl_graph() is not None:  # a wrapped DGL graph caches its own CSC: no sort
+            self._csr = self._checked_grouping(self._dgl.adj_tensors("csc"), self._src, self._dst, self._num_dst, CSR)
         if self._csr is None:
             perm = torch.argsort(self._dst, stable=True)
             indptr = torch.zeros(self._num_dst + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(self.in_degrees(), 0, out=indptr[1:])
             self._csr = CSR(indptr, perm, self._src[perm])
+        if "csr" not in self._guards or self._guards["csr"][0][1] is not self._csr.indptr:
+            self._guard("csr", [(f"csr().{f}", t) for f, t in zip(CSR._fields, self._csr)])
+        self._verify("csr")
         return self._csr
 
     def csc(self) -> CSC:
         """Edges grouped by src (cached): see :class:`CSC`."""
-        if self._csc is None and self._dgl is not None:  # DGL's "csr" groups by source
-            indptr, dst, perm = (t.long() for t in self._dgl.adj_tensors("csr"))
-            self._csc = CSC(indptr, perm, dst)
+        self._verify("edges")
+        if self._csc is None and self._dgl_graph() is not None:  # DGL's "csr" groups by source
+            self._csc = self._checked_grouping(self._dgl.adj_tensors("csr"), self._dst, self._src, self._num_src, CSC)
         if self._csc is None:
             perm = torch.argsort(self._src, stable=True)
             indptr = torch.zeros(self._num_src + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(torch.bincount(self._src, minlength=self._num_src), 0, out=indptr[1:])
             self._csc = CSC(indptr, perm, self._dst[perm])
+        if "csc" not in self._guards or self._guards["csc"][0][1] is not self._csc.indptr:
+            self._guard("csc", [(f"csc().{f}", t) for f, t in zip(CSC._fields, self._csc)])
+        self._verify("csc")
         return self._csc
+
+    @staticmethod
+    def _checked_grouping(adj: tuple[Tensor, Tensor, Tensor], other: Tensor, key: Tensor, rows: int, kind: type) -> Any:
+        """DGL's (indptr, other endpoint, edge ids) as a CSR / CSC if it describes these edges (O(E)), else None."""
+        indptr, nbr, perm = (t.long() for t in adj)
+        E = other.numel()
+        if indptr.numel() != rows + 1 or nbr.numel() != E or perm.numel() != E or int(indptr[0]) != 0 \
+                or int(indptr[-1]) != E or (E and (int(perm.min()) < 0 or int(perm.max()) >= E)):
+            return None
+        counts = indptr.diff()
+        if rows and int(counts.min()) < 0:
+            return None
+        row_of = torch.repeat_interleave(torch.arange(rows, device=indptr.device), counts)  # (E,)
+        if not (torch.equal(other[perm], nbr) and torch.equal(key[perm], row_of)):
+            return None
+        return kind(indptr, perm, nbr)
 
     # ------------------------------------------------------------------ transforms (new graphs)
     def add_self_loops(self) -> "Graph":
@@ -345,28 +492,33 @@ class Graph:
                 f"{self._num_src} src and {self._num_dst} dst nodes (build it with is_block=True if "
                 "its dst nodes are the first src nodes)"
             )
+        self._verify("edges")
         loop = torch.arange(self._num_dst, device=self.device)
-        return Graph(
+        return Graph._trusted(
             torch.cat([self._src, loop]), torch.cat([self._dst, loop]), self._num_src, self._num_dst,
-            is_block=self._is_block, validate=False,
+            is_block=self._is_block,
         )
 
     def remove_self_loops(self) -> "Graph":
         """A new graph without the edges i -> i."""
+        self._verify("edges")
         keep = self._src != self._dst
-        return Graph(self._src[keep], self._dst[keep], self._num_src, self._num_dst, is_block=self._is_block, validate=False)
+        return Graph._trusted(self._src[keep], self._dst[keep], self._num_src, self._num_dst, is_block=self._is_block)
 
     def reverse(self) -> "Graph":
         """A new graph with every edge reversed (dst -> src)."""
-        return Graph(self._dst, self._src, self._num_dst, self._num_src, validate=False)
+        self._verify("edges")
+        return Graph._trusted(self._dst, self._src, self._num_dst, self._num_src)  # shared, both guarded
 
     def to(self, device: torch.device | str) -> "Graph":
+        """This graph on ``device`` (itself when already there); the structure moves only with its builder."""
         device = torch.device(device)
+        self._verify("edges")
         if device == self.device:
             return self
-        return Graph(
-            self._src.to(device), self._dst.to(device), self._num_src, self._num_dst,
-            is_block=self._is_block, structure=self._structure, validate=False,
+        return Graph._trusted(
+            self._src.to(device, copy=True), self._dst.to(device, copy=True), self._num_src, self._num_dst,
+            is_block=self._is_block, structure=self._structure,
         )
 
     def __repr__(self) -> str:

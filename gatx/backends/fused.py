@@ -47,7 +47,7 @@ NAME = "fused"
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "fused_attention.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-fno-math-errno", "-march=native"]
 _DTYPES = (torch.float32, torch.float64)
-_ABI = 2  # gatx_fused_abi_version() of the matching source
+_ABI = 3  # gatx_fused_abi_version() of the matching source
 
 
 class _State:
@@ -129,7 +129,7 @@ def build() -> Path:
 def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
-    fn.argtypes = [c_int, c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
+    fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
                    dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
 
 
@@ -217,13 +217,16 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows."""
     lib = load()
     fn = lib.gatx_fused_f32 if v.dtype == torch.float32 else lib.gatx_fused_f64
-    indptr, nbr, eid = rows
+    indptr, nbr, eid, n_other = rows
     H, Dv = v.shape[1], v.shape[2]
     Dk = q.shape[2] if dot else 1
-    rc = fn(which, int(dot), indptr.numel() - 1, H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid), _ptr(q), _ptr(k),
-            _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep), keep_scale, scale,
-            slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
+    rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
+            _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
+            keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
             torch.get_num_threads())
+    if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
+        raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
+                         "through .data or numpy after the Graph was built?); build a new Graph")
     assert rc == 0, f"fused kernel returned {rc}"
 
 
@@ -237,7 +240,7 @@ class _FusedAttention(torch.autograd.Function):
         out = v.new_empty((graph.num_dst, H, Dv))
         stat = v.new_empty((graph.num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
         attn = v.new_empty((graph.num_edges, H) if want_attn else (0, H))
-        _call(0, dot, (csr.indptr, csr.src, csr.perm), q, k, v, bias, ew, keep, keep_scale, scale, slope, stat,
+        _call(0, dot, (csr.indptr, csr.src, csr.perm, graph.num_src), q, k, v, bias, ew, keep, keep_scale, scale, slope, stat,
               out=out, attn=attn if want_attn else None)
         ctx.save_for_backward(q, k, v, bias, ew, keep, stat)
         ctx.graph, ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale = graph, dot, scale, slope, keep_scale
@@ -262,12 +265,12 @@ class _FusedAttention(torch.autograd.Function):
         dw = torch.empty_like(ew) if need_w else None
         dk = dv = None
         csr = graph.csr()
-        _call(1, args[0], (csr.indptr, csr.src, csr.perm), *args[1:], g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
+        _call(1, args[0], (csr.indptr, csr.src, csr.perm, graph.num_src), *args[1:], g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
         if need_k or need_v:
             csc = graph.csc()
             dk = torch.empty_like(k) if need_k else None
             dv = torch.empty_like(v) if need_v else None
-            _call(2, args[0], (csc.indptr, csc.dst, csc.perm), *args[1:], g=g_out, ga=g_attn, out=dv, dk=dk)
+            _call(2, args[0], (csc.indptr, csc.dst, csc.perm, graph.num_dst), *args[1:], g=g_out, ga=g_attn, out=dv, dk=dk)
         return dq, dk, dv, db, dw, None, None, None, None, None, None, None
 
 

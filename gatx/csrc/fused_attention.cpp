@@ -2,8 +2,10 @@
 // pass per destination row; backward recomputes scores from the per-row log-sum-exp.
 //
 // Plain C++ with an extern "C" interface (no torch headers: ~15 s to compile, once); gatx builds it on
-// first use and loads it with ctypes (gatx/backends/fused.py). Indices are trusted: gatx.Graph
-// validated them, and the Python side checks every shape before calling in.
+// first use and loads it with ctypes (gatx/backends/fused.py). gatx.Graph validated the indices and
+// the Python side checks every shape before calling in; still, every call first checks that the row
+// offsets and ids are in range (one sequential pass, a few percent of the kernel) and returns 2
+// instead of reading out of bounds, so no index can crash the process.
 //
 // Notation: row i (a dst node), edge e (original edge id), j = src of e, h head, D value width.
 //   additive: z = k[j,h] + q[i,h] (+ bias[e,h]),   s = z > 0 ? z : slope * z
@@ -423,16 +425,34 @@ void run(int which, const Args<T>& A) {
   run3<T, DOT, 0, 0>(which, A);
 }
 
+// 0 when indptr (n_rows + 1) runs from 0 to n_edges without decreasing, nbr (n_edges) lies in
+// [0, n_other) and eid (n_edges) in [0, n_edges); else 2.
+int check_indices(int64_t n_rows, int64_t n_other, int64_t n_edges, const int64_t* indptr, const int64_t* nbr,
+                  const int64_t* eid, int nthreads) {
+  if (n_rows < 0 || n_other < 0 || n_edges < 0 || !indptr || indptr[0] != 0 || indptr[n_rows] != n_edges) return 2;
+  if (n_edges > 0 && (!nbr || !eid)) return 2;
+  int64_t bad = 0;
+#pragma omp parallel for num_threads(nthreads) reduction(| : bad) schedule(static)
+  for (int64_t i = 0; i < n_rows; ++i) bad |= indptr[i + 1] < indptr[i];
+  if (bad) return 2;
+#pragma omp parallel for num_threads(nthreads) reduction(| : bad) schedule(static)
+  for (int64_t p = 0; p < n_edges; ++p)
+    bad |= (static_cast<uint64_t>(nbr[p]) >= static_cast<uint64_t>(n_other)) |
+           (static_cast<uint64_t>(eid[p]) >= static_cast<uint64_t>(n_edges));
+  return bad ? 2 : 0;
+}
+
 template <typename T>
-int entry(int which, int dot, int64_t n_rows, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
+int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
           const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {
-  if (which < 0 || which > 2) return 1;
+  if (which < 0 || which > 2 || H < 0 || Dk < 0 || Dv < 0) return 1;
   // small inputs run on one thread: waking a team costs more than it saves (and much more when the
   // cores are oversubscribed)
-  const int64_t work = (n_rows + indptr[n_rows]) * H * (Dv + Dk);
+  const int64_t work = (n_rows + n_edges) * H * (Dv + Dk);
   const int threads = work < (int64_t(1) << 18) ? 1 : std::max(1, nthreads);
+  if (check_indices(n_rows, n_other, n_edges, indptr, nbr, eid, threads) != 0) return 2;
   Args<T> A{n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
             out, attn, dk, dw, threads};
@@ -445,16 +465,17 @@ int entry(int which, int dot, int64_t n_rows, int64_t H, int64_t Dk, int64_t Dv,
 
 // which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows (see Args)
 #define GATX_ENTRY(NAME, T)                                                                              \
-  extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t H, int64_t Dk, int64_t Dv,            \
+  extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H,  \
+                      int64_t Dk, int64_t Dv,                                                           \
                       const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* q,        \
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
                       const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {              \
-    return entry<T>(which, dot, n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
+    return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
                     keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, nthreads);                \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 2; }
+extern "C" int gatx_fused_abi_version() { return 3; }
