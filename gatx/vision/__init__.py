@@ -2,7 +2,10 @@
 from .attention import (
     NeighborhoodAttention1d, NeighborhoodAttention2d, NeighborhoodAttention3d, WindowAttention, WindowAttention3d,
 )
+from .biformer import BiLevelRoutingAttention
 from .grid import GridStructure, neighborhood_graph, window_graph
+from .routing import region_pool, region_table, routed_region_graph
 
 __all__ = ["GridStructure", "NeighborhoodAttention2d", "WindowAttention", "neighborhood_graph", "window_graph"]
 __all__ += ["NeighborhoodAttention1d", "NeighborhoodAttention3d", "WindowAttention3d"]
+__all__ += ["BiLevelRoutingAttention", "region_pool", "region_table", "routed_region_graph"]

@@ -1,0 +1,130 @@
+"""Data-dependent graphs for routing attention, built per forward pass and batched.
+
+Routing attention (BiFormer's bi-level routing) cuts a ``Y x X`` map into ``n_win x n_win``
+regions (region ``r = j * n_win + i`` for region row ``j`` and column ``i``, each of
+``P = (Y / n_win) * (X / n_win)`` pixels) and lets every region pick, per sample, the ``topk``
+regions its pixels attend to. The batch becomes ONE block-diagonal :class:`gatx.Graph` over
+``B * Y * X`` nodes (node ``b * Y * X + y * X + x``): pixel ``p`` of sample ``b`` receives an edge
+from every pixel of each region in ``idx[b, region(p)]``, so attention never crosses samples.
+
+The graph is built with a handful of vectorised gathers (no Python loop over samples, regions or
+pixels) from a cached per-(shape, n_win, device) table of each region's pixels; its edges come out
+grouped by destination, so :meth:`gatx.Graph.from_csr` takes them without a sort. Routing indices
+are integers and carry no gradient.
+
+The graph carries a :class:`~gatx.backends.blocks.RegionBlocks` structure (the routes), so
+``gatx.ops.sparse_attention`` runs it on the blocks backend: one batched matmul per route over the
+query regions, without gathering the routed keys / values. Every other backend runs the explicit edges.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ..backends.blocks import RegionBlocks
+from ..graph import Graph
+from .grid import _check_int, _device_key
+
+__all__ = ["region_pool", "region_table", "routed_region_graph"]
+
+
+def _check_regions(height: int, width: int, n_win: int) -> None:
+    _check_int(height, "height", 1)
+    _check_int(width, "width", 1)
+    _check_int(n_win, "n_win", 1)
+    if height % n_win or width % n_win:
+        raise ValueError(
+            f"height and width must be divisible by n_win={n_win} (the number of regions per side), got "
+            f"{height}x{width}; pad the map to a multiple of n_win (BiLevelRoutingAttention(auto_pad=True) does)"
+        )
+
+
+def region_table(height: int, width: int, n_win: int, *, device: torch.device | str | None = None) -> Tensor:
+    """(R, P) pixel ids ``y * width + x`` of each region, regions and pixels in row-major order (cached).
+
+    >>> region_table(4, 4, 2).tolist()
+    [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    """
+    _check_regions(height, width, n_win)
+    return _region_table(height, width, n_win, _device_key(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _region_table(Y: int, X: int, n: int, device: str) -> Tensor:
+    h, w = Y // n, X // n
+    pix = torch.arange(Y * X).view(n, h, n, w).permute(0, 2, 1, 3)  # (n, n, h, w): region row, col, then pixel
+    return pix.reshape(n * n, h * w).to(device)  # (R, P)
+
+
+@functools.lru_cache(maxsize=32)
+def _pixel_region(Y: int, X: int, n: int, device: str) -> Tensor:
+    h, w = Y // n, X // n
+    ry = torch.arange(Y) // h
+    rx = torch.arange(X) // w
+    return (ry[:, None] * n + rx[None, :]).reshape(-1).to(device)  # (N,) region of each pixel
+
+
+def region_pool(x: Tensor, n_win: int) -> Tensor:
+    """Mean of a (B, Y, X, C) map over each of its ``n_win x n_win`` regions: (B, R, C), R = n_win ** 2.
+
+    >>> region_pool(torch.arange(16.).view(1, 4, 4, 1), 2).flatten().tolist()
+    [2.5, 4.5, 10.5, 12.5]
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"region_pool expects a (B, Y, X, C) tensor, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    B, Y, X, C = x.shape
+    _check_regions(Y, X, n_win)
+    return x.reshape(B, n_win, Y // n_win, n_win, X // n_win, C).mean((2, 4)).reshape(B, n_win * n_win, C)
+
+
+def routed_region_graph(idx: Tensor, grid: tuple[int, int], n_win: int) -> Graph:
+    """The block-diagonal graph of region routing: each pixel attends to every pixel of its region's routes.
+
+    .. math::
+        \\mathcal{N}(b, p) = \\{\\, b \\cdot N + s \\;:\\; s \\in \\mathrm{region}(\\mathrm{idx}[b, \\mathrm{region}(p), t]),
+        \\ t < \\mathrm{topk} \\,\\}
+
+    Every node has ``topk * P`` in-edges, listed route by route (in the order of ``idx``), each
+    region's pixels in row-major order. A region routed twice gives duplicate edges (counted twice
+    by the softmax): pass distinct routes, as ``torch.topk`` gives.
+
+    Args:
+        idx: (B, R, topk) int routes: ``idx[b, r]`` are the regions that region ``r`` of sample ``b``
+            attends to, ``R = n_win ** 2``, regions numbered row-major.
+        grid: ``(height, width)`` of the map, both divisible by ``n_win``.
+        n_win: regions per side.
+
+    Shapes:
+        ``idx`` (B, R, topk) -> a graph of ``B * height * width`` nodes and ``B * height * width * topk * P``
+        edges, ``P = (height / n_win) * (width / n_win)``.
+
+    >>> g = routed_region_graph(torch.tensor([[[1], [0], [3], [2]]]), (4, 4), 2)
+    >>> g.num_dst, g.num_edges, g.csr().src[:4].tolist()
+    (16, 64, [2, 3, 6, 7])
+    """
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"grid must be a (height, width) pair, got {grid!r}")
+    Y, X = grid
+    _check_regions(Y, X, n_win)
+    R = n_win * n_win
+    if not isinstance(idx, Tensor) or idx.dim() != 3 or idx.shape[1] != R:
+        got = tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(f"idx must have shape (B, R={R}, topk) (R = n_win ** 2 regions), got {got}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"idx must hold int64 or int32 region ids, got {idx.dtype}; convert it with idx.long()")
+    B, _, topk = idx.shape
+    if B == 0 or topk == 0:
+        raise ValueError(f"idx must have a batch and topk of at least 1, got shape {tuple(idx.shape)}")
+    lo, hi = torch.aminmax(idx)
+    if int(lo) < 0 or int(hi) >= R:
+        raise ValueError(f"region ids in idx must lie in [0, {R}), got ids from {int(lo)} to {int(hi)}")
+    device = _device_key(idx.device)
+    table = _region_table(Y, X, n_win, device)  # (R, P)
+    N, P = Y * X, table.shape[1]
+    offset = torch.arange(0, B * N, N, device=idx.device).view(B, 1, 1)  # (B, 1, 1)
+    routed = (table[idx.long().reshape(-1)].view(B, R, topk * P) + offset)  # (B, R, topk*P) node ids per region
+    src = routed.index_select(1, _pixel_region(Y, X, n_win, device)).reshape(-1)  # (B*N*topk*P,) grouped by dst
+    indptr = torch.arange(0, B * N * topk * P + 1, topk * P, device=idx.device)  # (B*N + 1,)
+    return Graph.from_csr(indptr, src, B * N, structure=RegionBlocks((Y, X), n_win, idx.to(torch.int64, copy=True)))
