@@ -32,6 +32,7 @@ import gzip
 import io
 import os
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -75,7 +76,9 @@ def _read_csv(archive: zipfile.ZipFile, member: str, dtype: type, zip_path: Path
         ) from None
     with raw, gzip.open(raw, "rt") as text:
         try:
-            return np.loadtxt(text, delimiter=",", dtype=dtype, ndmin=2)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "loadtxt: input contained no data", UserWarning)  # an empty split
+                return np.loadtxt(text, delimiter=",", dtype=dtype, ndmin=2)
         except (ValueError, OSError, EOFError) as err:
             raise DataError(f"{zip_path}: cannot parse {member} as a gzip CSV of numbers ({err})") from None
 
@@ -174,7 +177,7 @@ def load_ogb(
             _save_atomic({**data, "stamp": _stamp(zip_path)}, cached)
     n = int(data["num_nodes"])
     labels = data["labels"]
-    graph = Graph(data["src"], data["dst"], n, n, validate=False)  # ids were checked when parsed
+    graph = Graph(data["src"], data["dst"], n, n)
     return NodeDataset(
         key, graph, data["features"], labels, data["train_idx"], data["valid_idx"], data["test_idx"],
         max(spec.num_classes, int(labels.max()) + 1 if labels.numel() else 0),

@@ -222,7 +222,7 @@ def make_sbm(
     perm = rng.permutation(n)
     n_train, n_val = max(1, int(round(split[0] * n))), int(round(split[1] * n))
     idx = torch.from_numpy(perm)
-    graph = Graph(torch.from_numpy(src), torch.from_numpy(dst), n, n, validate=False)
+    graph = Graph(torch.from_numpy(src), torch.from_numpy(dst), n, n)
     name = f"sbm-n{n}-e{num_edges}-c{num_classes}-h{homophily:g}-s{seed}"
     return NodeDataset(
         name, graph, torch.from_numpy(feats), torch.from_numpy(labels.astype(np.int64)),
