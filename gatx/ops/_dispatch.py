@@ -13,7 +13,7 @@ from ..graph import Graph
 log = logging.getLogger("gatx")
 
 # Preference order for backend=None: fastest first; "torch" runs everything.
-BACKENDS = ("structured", "blocks", "fused", "dgl", "torch")
+BACKENDS = ("structured", "blocks", "triton", "fused", "dgl", "torch")
 _logged: set[tuple[str, str]] = set()
 
 
