@@ -21,7 +21,7 @@ def head_dot(feat: Tensor, attn: Tensor) -> Tensor:
     H, D = attn.shape[1], attn.shape[2]
     eye = torch.eye(H, dtype=attn.dtype, device=attn.device)
     blocks = (attn[0].unsqueeze(-1) * eye.unsqueeze(1)).reshape(H * D, H)  # (H*D, H)
-    return (feat.reshape(-1, H * D) @ blocks).view(feat.shape[0], -1)  # (N*S, H) -> (N, S*H)
+    return (feat.reshape(-1, H * D) @ blocks).view(feat.shape[0], feat.shape[1])  # (N*S, H) -> (N, S*H)
 
 
 def per_edge_heads(t: Tensor | None, heads: int, copies: int) -> Tensor | None:
