@@ -228,6 +228,16 @@ class Graph:
         graph._init(src, dst, num_src, num_dst, is_block, structure)
         return graph
 
+    @classmethod
+    def _trusted_csr(cls, indptr: Tensor, src: Tensor, dst: Tensor, num_src: int, *, perm: Tensor | None = None,
+                     structure: Any = None) -> "Graph":
+        """:meth:`from_csr` for int64 indices that a gatx builder derived from validated input (no checks,
+        no copy): ``dst`` and optionally ``perm`` (``arange(E)``, edges in row order) are given, so the
+        CSR is known without a sort."""
+        graph = cls._trusted(src, dst, num_src, indptr.numel() - 1, structure=structure)
+        graph._csr = CSR(indptr, perm if perm is not None else torch.arange(src.numel(), device=src.device), src)
+        return graph
+
     # ------------------------------------------------------------------ immutability
     def _guard(self, group: str, named: list[tuple[str, Tensor]]) -> None:
         self._guards[group] = tuple((name, t, t._version) for name, t in named)

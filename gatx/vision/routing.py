@@ -9,8 +9,9 @@ from every pixel of each region in ``idx[b, region(p)]``, so attention never cro
 
 The graph is built with a handful of vectorised gathers (no Python loop over samples, regions or
 pixels) from a cached per-(shape, n_win, device) table of each region's pixels; its edges come out
-grouped by destination, so :meth:`gatx.Graph.from_csr` takes them without a sort. Routing indices
-are integers and carry no gradient.
+grouped by destination, so the graph's CSR is known without a sort (as :meth:`gatx.Graph.from_csr`;
+the indices are derived from validated routes, so the per-edge checks are skipped). Routing
+indices are integers and carry no gradient.
 
 The graph carries a :class:`~gatx.backends.blocks.RegionBlocks` structure (the routes), so
 ``gatx.ops.sparse_attention`` runs it on the blocks backend: one batched matmul per route over the
@@ -64,6 +65,28 @@ def _pixel_region(Y: int, X: int, n: int, device: str) -> Tensor:
     ry = torch.arange(Y) // h
     rx = torch.arange(X) // w
     return (ry[:, None] * n + rx[None, :]).reshape(-1).to(device)  # (N,) region of each pixel
+
+
+@functools.lru_cache(maxsize=8)
+def _rows_cached(num_dst: int, degree: int, device: str) -> tuple[Tensor, Tensor, Tensor, tuple[int, int, int]]:
+    E = num_dst * degree
+    indptr = torch.arange(0, E + 1, degree, device=device)  # (num_dst + 1,)
+    dst = torch.arange(num_dst, device=device).view(num_dst, 1).expand(num_dst, degree).reshape(-1)  # (E,)
+    perm = torch.arange(E, device=device)  # (E,) edges are in row order
+    return indptr, dst, perm, (indptr._version, dst._version, perm._version)
+
+
+def _rows(num_dst: int, degree: int, device: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(indptr, dst, perm) of a graph with ``degree`` in-edges per dst node, edges in row order (cached).
+
+    Graphs share these tensors; if one was written in place (a Graph then refuses to run), the cache
+    is rebuilt so later graphs never inherit the damage.
+    """
+    indptr, dst, perm, versions = _rows_cached(num_dst, degree, device)
+    if (indptr._version, dst._version, perm._version) != versions:
+        _rows_cached.cache_clear()
+        indptr, dst, perm, _ = _rows_cached(num_dst, degree, device)
+    return indptr, dst, perm
 
 
 def region_pool(x: Tensor, n_win: int) -> Tensor:
@@ -126,5 +149,8 @@ def routed_region_graph(idx: Tensor, grid: tuple[int, int], n_win: int) -> Graph
     offset = torch.arange(0, B * N, N, device=idx.device).view(B, 1, 1)  # (B, 1, 1)
     routed = (table[idx.long().reshape(-1)].view(B, R, topk * P) + offset)  # (B, R, topk*P) node ids per region
     src = routed.index_select(1, _pixel_region(Y, X, n_win, device)).reshape(-1)  # (B*N*topk*P,) grouped by dst
-    indptr = torch.arange(0, B * N * topk * P + 1, topk * P, device=idx.device)  # (B*N + 1,)
-    return Graph.from_csr(indptr, src, B * N, structure=RegionBlocks((Y, X), n_win, idx.to(torch.int64, copy=True)))
+    indptr, dst, perm = _rows(B * N, topk * P, device)  # the same for every forward of this shape: cached
+    structure = RegionBlocks((Y, X), n_win, idx.to(torch.int64, copy=True))
+    # src / dst derive from the validated routes: in range and grouped by dst by construction, so the
+    # graph skips from_csr's per-edge checks and copies (they would be most of the build time)
+    return Graph._trusted_csr(indptr, src, dst, B * N, perm=perm, structure=structure)

@@ -134,3 +134,15 @@ def test_blocks_backward_is_first_order_only():
     (gq,) = torch.autograd.grad(out, q, w, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gq.sum().backward()
+
+
+def test_shared_row_tables_survive_an_in_place_write():
+    """Graphs of one shape share cached dst / CSR tensors; a write into one must not reach the next graph."""
+    idx = random_routes(1, 2, 1, seed=4)
+    g1 = routed_region_graph(idx, (4, 4), 2)
+    want = g1.dst.clone()
+    g1.dst.add_(1)  # a user writing into a graph's indices (the graph then refuses to run)
+    with pytest.raises(ValueError, match="modified in place"):
+        g1.src
+    g2 = routed_region_graph(idx, (4, 4), 2)
+    assert torch.equal(g2.dst, want) and torch.equal(g2.csr().perm, torch.arange(g2.num_edges))
