@@ -1,7 +1,7 @@
 """Neighborhood attention (NAT / DiNAT, NATTEN semantics) in 1-D, 2-D and 3-D on gatx's sparse kernel."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ class _NeighborhoodAttention(_GridAttention):
     ``(prod(2k-1), heads)``). NATTEN < 0.20's ``rpb`` of shape ``(heads, 2k-1, ...)`` is the same
     table: ``relative_position_bias_table = rpb.reshape(heads, -1).t()``; a state dict with an
     ``rpb`` entry is converted on load. NATTEN >= 0.20 modules have no bias: load their state dict
-    into a module built with ``rel_pos_bias=False``.
+    into a module built with ``rel_pos_bias=False`` (a strict load without a bias says so).
 
     Args:
         dim: channels C. num_heads: H (C must be divisible by H).
@@ -62,21 +62,25 @@ class _NeighborhoodAttention(_GridAttention):
     def grid_graph(self, shape: tuple[int, ...], device: torch.device) -> Graph:
         return neighborhood_graph(shape, self.kernel_size, self.dilation, is_causal=self.is_causal, device=device)
 
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool, *args: Any) -> None:
-        key = prefix + "relative_position_bias_table"
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, plus a clear error for a NATTEN >= 0.20 state dict (no bias) in strict mode."""
+        if strict and self.relative_position_bias_table is not None and not {"rpb", "relative_position_bias_table"} & set(state_dict):
+            raise ValueError(
+                f"{type(self).__name__}: the state dict has no relative position bias (rpb or relative_position_bias_table), "
+                "as NATTEN >= 0.20 modules have none; construct this module with rel_pos_bias=False to load it"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         rpb = state_dict.pop(prefix + "rpb", None)
         if rpb is not None:  # NATTEN < 0.20 layout (H, 2k-1, ...) -> (prod(2k-1), H)
-            state_dict[key] = rpb.reshape(rpb.shape[0], -1).t()
-        if strict and self.relative_position_bias_table is not None and key not in state_dict:
-            raise ValueError(
-                f"{type(self).__name__}: the state dict has no relative position bias ({prefix}rpb or {key}), as "
-                "NATTEN >= 0.20 modules have none; construct this module with rel_pos_bias=False to load it"
-            )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args)
+            state_dict[prefix + "relative_position_bias_table"] = rpb.reshape(rpb.shape[0], -1).t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         s = f"dim={self.dim}, num_heads={self.num_heads}, kernel_size={fmt(self.kernel_size)}, dilation={fmt(self.dilation)}"
-        if any(self.is_causal) if isinstance(self.is_causal, (tuple, list)) else self.is_causal:
+        causal = self.is_causal if isinstance(self.is_causal, (tuple, list)) else (self.is_causal,)
+        if any(causal):
             s += f", is_causal={fmt(self.is_causal)}"
         if self.relative_position_bias_table is None:
             s += ", rel_pos_bias=False"
