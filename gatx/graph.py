@@ -380,11 +380,11 @@ class Graph:
 
         dgl = import_dgl()
         if self._is_block or self._num_src != self._num_dst:
-            g = dgl.create_block(
-                (self._src, self._dst), num_src_nodes=self._num_src, num_dst_nodes=self._num_dst, device=self._src.device
+            g = dgl.create_block(  # DGL shares index memory: give it copies, so a write to graph.src cannot reach it
+                (self._src.clone(), self._dst.clone()), num_src_nodes=self._num_src, num_dst_nodes=self._num_dst, device=self._src.device
             )
         else:
-            g = dgl.graph((self._src, self._dst), num_nodes=self._num_src, device=self._src.device)
+            g = dgl.graph((self._src.clone(), self._dst.clone()), num_nodes=self._num_src, device=self._src.device)
         self._dgl = g
         return g
 
