@@ -9,6 +9,7 @@ once. Any other failure is reported as a reason, and gatx runs on its own backen
 """
 from __future__ import annotations
 
+import importlib.abc
 import sys
 import traceback
 import types
@@ -34,24 +35,58 @@ class _ImportState:
 _state = _ImportState()
 
 
+class GatxDGLWorkaroundWarning(RuntimeWarning):
+    """DGL was imported with ``dgl.graphbolt`` replaced by a stub (its library does not fit this torch).
+
+    A fact, not a fault: DGL's core kernels work as usual. Emitted once per process; silence it with
+    ``warnings.filterwarnings("ignore", category=gatx.GatxDGLWorkaroundWarning)``.
+    """
+
+
 class GraphboltUnavailable(AttributeError):
-    """Raised when code touches ``dgl.graphbolt`` after gatx stubbed it out."""
+    """Raised when code touches ``dgl.graphbolt.<name>`` after gatx stubbed it out."""
+
+
+class GraphboltImportError(ImportError):
+    """Raised by ``from dgl.graphbolt import <name>`` (or ``import dgl.graphbolt.<sub>``) under the stub."""
+
+
+def _graphbolt_message(name: str) -> str:
+    return (
+        f"dgl.graphbolt.{name} is unavailable: DGL {_dgl_version()} ships no graphbolt library for "
+        f"torch {torch.__version__}, so gatx replaced dgl.graphbolt with a stub to use DGL's core "
+        "kernels. Install a DGL build that matches your torch to use GraphBolt."
+    )
+
+
+class _GraphboltFinder(importlib.abc.MetaPathFinder):
+    """Makes ``from dgl.graphbolt import X`` raise the stub's explanation instead of "unknown location".
+
+    ``from package import X`` first tries ``X`` as a submodule when the attribute is missing; this
+    finder answers for ``dgl.graphbolt.*`` while the stub is installed, and for nothing else.
+    """
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> None:
+        stub = sys.modules.get("dgl.graphbolt")
+        if fullname.startswith("dgl.graphbolt.") and getattr(stub, "__gatx_stub__", False):
+            raise GraphboltImportError(_graphbolt_message(fullname[len("dgl.graphbolt."):]), name=fullname)
+        return None
 
 
 def _graphbolt_stub() -> types.ModuleType:
     stub = types.ModuleType("dgl.graphbolt")
     stub.__doc__ = "Stub installed by gatx: the real dgl.graphbolt cannot load on this torch."
+    stub.__path__ = []  # a package, so `from dgl.graphbolt import X` asks the finder above
+    stub.__gatx_stub__ = True
 
     def __getattr__(name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        raise GraphboltUnavailable(
-            f"dgl.graphbolt.{name} is unavailable: DGL {_dgl_version()} ships no graphbolt library for "
-            f"torch {torch.__version__}, so gatx replaced dgl.graphbolt with a stub to use DGL's core "
-            "kernels. Install a DGL build that matches your torch to use GraphBolt."
-        )
+        raise GraphboltUnavailable(_graphbolt_message(name))
 
     stub.__getattr__ = __getattr__  # module-level __getattr__ (PEP 562)
+    if not any(isinstance(f, _GraphboltFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _GraphboltFinder())
     return stub
 
 
@@ -75,7 +110,16 @@ def _purge_dgl_modules() -> None:
 
 
 def import_dgl() -> Any:
-    """Import DGL (with the narrow graphbolt workaround if needed) or raise ImportError with the reason."""
+    """A working ``dgl`` module, also where a plain ``import dgl`` fails on this torch (public: ``gatx.import_dgl``).
+
+    Where DGL 2.1's ``dgl.graphbolt`` cannot load (no library for this torch), DGL is imported with
+    that one subpackage replaced by a stub that explains itself when touched, and a
+    :class:`GatxDGLWorkaroundWarning` is emitted once. Afterwards a plain ``import dgl`` in the same
+    process returns this module. Raises ImportError with the reason when DGL cannot be imported.
+
+    >>> dgl = gatx.import_dgl()  # doctest: +SKIP
+    >>> g = gatx.Graph.from_dgl(dgl.graph(([0, 1], [1, 2])))  # doctest: +SKIP
+    """
     if _state.module is not None:
         return _state.module
     if _state.tried:
@@ -104,10 +148,10 @@ def import_dgl() -> Any:
             _state.error = f"import dgl failed even without dgl.graphbolt: {type(err2).__name__}: {err2}"
             raise ImportError(_state.error) from err2
         warnings.warn(
-            f"gatx: `import dgl` failed inside dgl.graphbolt ({first}), which this DGL build cannot load "
-            f"on torch {torch.__version__}. gatx imported DGL with dgl.graphbolt replaced by a stub that "
-            "raises if used; DGL's core kernels (used by gatx) work as usual.",
-            RuntimeWarning,
+            f"gatx: DGL {_dgl_version()}'s dgl.graphbolt cannot load on torch {torch.__version__} ({first}); "
+            "DGL was imported with dgl.graphbolt replaced by a stub that explains itself if used. DGL's core "
+            "kernels (used by gatx) work as usual. Filter this with category=gatx.GatxDGLWorkaroundWarning.",
+            GatxDGLWorkaroundWarning,
             stacklevel=2,
         )
     import dgl
@@ -166,7 +210,19 @@ def dot_score(graph: Graph, q: Tensor, k: Tensor) -> Tensor:
 
 
 def edge_softmax(graph: Graph, scores: Tensor) -> Tensor:
-    return import_dgl().ops.edge_softmax(graph.to_dgl(), scores)
+    """DGL's edge softmax, with gatx's rule for a dst row whose scores are all -inf: 0 attention, 0 gradient.
+
+    (DGL alone gives NaN there, from exp(-inf - (-inf)); the other backends give 0.)
+    """
+    dgl = import_dgl()
+    neg = torch.isneginf(scores)
+    if bool(neg.any()):  # one cheap pass; the rest runs only when some score is -inf
+        live = scores.new_zeros((graph.num_dst,) + tuple(scores.shape[1:])).index_add_(0, graph.dst, (~neg).to(scores.dtype))
+        dead = (live == 0).index_select(0, graph.dst)  # (E, H, ...): edges of rows without a finite score
+        if bool(dead.any()):
+            a = dgl.ops.edge_softmax(graph.to_dgl(), torch.where(dead, torch.zeros_like(scores), scores))
+            return torch.where(dead, torch.zeros_like(a), a)
+    return dgl.ops.edge_softmax(graph.to_dgl(), scores)
 
 
 def aggregate(graph: Graph, attn: Tensor, v: Tensor) -> Tensor:

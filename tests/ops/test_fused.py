@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 import gatx
 from gatx import Graph, ops
-from gatx.backends import fused
+from gatx.backends import fused, fused_build
 
 
-pytestmark = pytest.mark.skipif(fused._compiler() is None, reason="no C++ compiler here to build the fused kernel")
+pytestmark = pytest.mark.skipif(fused_build.compiler() is None, reason="no C++ compiler here to build the fused kernel")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -271,12 +271,13 @@ def test_build_failure_becomes_a_reason(monkeypatch, tmp_path):
 
 
 def test_kernel_is_cached_by_source_and_flags(tmp_path, monkeypatch):
-    cxx = fused._compiler()
+    cxx = fused_build.compiler()
     monkeypatch.setenv("GATX_CACHE_DIR", str(tmp_path))
-    path = fused.library_path(cxx)
-    assert path.parent == tmp_path and path.name.startswith("fused_attention-") and path.suffix == ".so"
-    monkeypatch.setattr(fused, "FLAGS", fused.FLAGS + ["-DGATX_UNUSED"])
-    assert fused.library_path(cxx) != path
+    assert fused_build.library_dir() == tmp_path
+    name = fused_build.library_name(cxx)
+    assert name.startswith("fused_attention-") and name.endswith(".so")
+    monkeypatch.setattr(fused_build, "FLAGS", fused_build.FLAGS + ["-DGATX_UNUSED"])
+    assert fused_build.library_name(cxx) != name
 
 
 @pytest.mark.skipif(dgl_or_none() is None, reason="DGL cannot be imported here")
