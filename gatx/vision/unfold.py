@@ -163,13 +163,13 @@ def _unfold_graph(Y: int, X: int, k: int, s: int, p: int, d: int, mode: str, que
         src = win_src.reshape(-1)  # (windows * k^2,)
         fold_index = pix[:, :, k // 2, k // 2].reshape(-1)  # (windows,)
     num_dst = fold_index.numel()
-    dst = torch.arange(num_dst).repeat_interleave(k * k)
     dev = torch.device(device)
     structure = UnfoldStructure(
         Y, X, k, s, p, d, mode, queries, Yo, Xo, fold_index.to(dev), N if mode == "zeros" else None
     )
     num_src = N + 1 if mode == "zeros" else N
-    return Graph(src.to(dev), dst.to(dev), num_src, num_dst, structure=structure)
+    indptr = torch.arange(0, num_dst * k * k + 1, k * k, device=dev)  # edges already grouped by dst: no sort
+    return Graph.from_csr(indptr, src.to(dev), num_src, structure=structure)
 
 
 class _Fold(torch.autograd.Function):

@@ -73,12 +73,11 @@ def test_fold_matches_F_fold(Y, X, k, s, p, d):
     (gx,) = torch.autograd.grad((out * w).sum(), x)
     (rx,) = torch.autograd.grad((ref * w).sum(), x)
     assert (gx - rx).abs().max() < 1e-12
-    assert torch.autograd.gradcheck(lambda t: fold(g, t), (x[: g.num_dst].detach().requires_grad_(),))
 
 
 def test_fold_double_backward():
-    g = unfold_graph(4, 5, 3, padding=1, stride=2)
-    x = torch.randn(g.num_dst, 2, dtype=torch.float64, requires_grad=True)
+    g = unfold_graph(3, 4, 3, padding=1, stride=2)
+    x = torch.randn(g.num_dst, 1, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: fold(g, t) ** 2, (x,))
 
 
