@@ -130,6 +130,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def do_GET(self):
         self.log.append(self.path)
+        if "nolength:" + self.path.lstrip("/") in self.interrupt:  # cut short, no Content-Length to tell
+            body = Path(self.directory, self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         if self.path.lstrip("/") in self.interrupt:
             body = Path(self.directory, self.path.lstrip("/")).read_bytes()
             self.send_response(200)
@@ -265,3 +273,47 @@ def test_unpinned_file_is_recorded_on_first_use(server, tmp_path, monkeypatch):
     (root / rel).write_bytes((root / rel).read_bytes() + b"\0")
     with pytest.raises(ChecksumError, match="expected sha256"):
         load_planetoid("cora", root, download=False)
+
+
+def test_unpinned_download_cut_short_without_length_is_not_trusted(server, tmp_path, monkeypatch):
+    """A transfer the server ends early without Content-Length must be parsed before it is trusted."""
+    mirror, _, _, interrupt = server
+    for rel in CORA:  # PubMed's situation: nothing pinned
+        monkeypatch.setitem(FILES, rel, FILES[rel]._replace(bytes=None, sha256=None))
+    interrupt.add("nolength:" + CORA[0])
+    root = tmp_path / "root"
+    with pytest.raises(ChecksumError, match="not a readable dataset file.*not kept"):
+        load_planetoid("cora", root, mirror=mirror)
+    assert not root.exists(), "a failed first download leaves no file and no new (empty) folder"
+    interrupt.clear()
+    with pytest.warns(RuntimeWarning, match="no pinned sha256"):
+        assert load_planetoid("cora", root, mirror=mirror).graph.num_edges == 10556  # a retry completes
+    assert (root / "planetoid" / "cora" / "ind.cora.x.sha256").is_file()
+
+
+def test_unpinned_file_found_in_place_must_parse_before_it_is_trusted(tmp_path, shared_datasets, monkeypatch):
+    rel = CORA[6]  # the adjacency pickle
+    monkeypatch.setitem(FILES, rel, FILES[rel]._replace(bytes=None, sha256=None))
+    root = tmp_path / "root"
+    for r in CORA:
+        (root / r).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_datasets / r, root / r)
+    bad = root / rel
+    bad.write_bytes(bad.read_bytes()[:-100])
+    with pytest.raises(ChecksumError, match="not a readable dataset file"):
+        load_planetoid("cora", root, download=False)
+    assert not bad.exists() and bad.with_name(bad.name + ".corrupt").exists(), "set aside, not trusted"
+    assert not bad.with_name(bad.name + ".sha256").exists()
+
+
+def test_failed_download_leaves_no_new_folder(server, tmp_path):
+    mirror, served, _, _ = server
+    (served / CORA[0]).unlink()  # 404 for the first file
+    root = tmp_path / "root"
+    with pytest.raises(DownloadError, match="404"):
+        load_planetoid("cora", root, mirror=mirror)
+    assert not root.exists()
+    root.mkdir()
+    with pytest.raises(DownloadError):
+        load_planetoid("cora", root, mirror=mirror)
+    assert list(root.iterdir()) == [], "only the folders this call created are removed, never an existing one"

@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -126,9 +126,46 @@ def _trust_on_first_use(path: Path, sha: str, how: str) -> None:
     )
 
 
-def _download(url: str, dest: Path, entry: Entry) -> None:
-    """Stream ``url`` to a temporary file beside ``dest``, verify it, then rename it into place."""
+Check = Callable[[Path], Any]
+
+
+def _parse_or_discard(check: Check | None, path: Path, what: str) -> None:
+    """Run ``check`` (a parser that raises on a malformed file) on an unpinned file before it is trusted."""
+    if check is None:
+        return
+    try:
+        check(path)
+    except Exception as err:  # noqa: BLE001 - any parser failure means the bytes are not the dataset file
+        raise ChecksumError(
+            f"{what} is not a readable dataset file ({type(err).__name__}: {err}); "
+            "the transfer was probably cut short (the file has no pinned checksum to tell), so it was not "
+            "kept; load again to retry"
+        ) from err
+
+
+def _download(url: str, dest: Path, entry: Entry, check: Check | None = None) -> None:
+    """Stream ``url`` to a temporary file beside ``dest``, verify (and parse, when unpinned), rename into place.
+
+    On any failure nothing stays behind: no partial file, and no folder that this call created.
+    """
+    created = []  # folders this call creates, deepest first, removed again if the download fails
+    folder = dest.parent
+    while not folder.exists():
+        created.append(folder)
+        folder = folder.parent
     dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _download_into(url, dest, entry, check)
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty (another file landed there) or gone: keep the rest
+        raise
+
+
+def _download_into(url: str, dest: Path, entry: Entry, check: Check | None) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     try:
@@ -142,7 +179,7 @@ def _download(url: str, dest: Path, entry: Entry) -> None:
                 sha.update(chunk)
                 md5.update(chunk)
                 size += len(chunk)
-            if length is not None and size != int(length):
+            if length is not None and length.strip().isdigit() and size != int(length):
                 raise DownloadError(f"transfer interrupted: received {size} of {length} bytes")
         bad = _mismatch(entry, size, sha.hexdigest(), md5.hexdigest())
         if bad is not None:
@@ -151,6 +188,8 @@ def _download(url: str, dest: Path, entry: Entry) -> None:
                 "corrupt or truncated and was discarded; retry, or fetch the file from the canonical URL "
                 f"{entry.url}"
             )
+        if entry.sha256 is None:
+            _parse_or_discard(check, tmp, f"the download from {url}")
         os.replace(tmp, dest)
         if entry.sha256 is None:
             _trust_on_first_use(dest, sha.hexdigest(), f"downloaded from {url}")
@@ -158,13 +197,18 @@ def _download(url: str, dest: Path, entry: Entry) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _verify(path: Path, rel: str) -> None:
+def _verify(path: Path, rel: str, check: Check | None = None) -> None:
     """Check a cached file against the manifest; a bad file is renamed ``*.corrupt`` so it is not reused."""
     entry = FILES[rel]
     size, sha, md5 = _hashes(path)
     record = _record(path)
     recorded = record.read_text().split()[0] if entry.sha256 is None and record.is_file() else None
     bad = _mismatch(entry, size, sha, md5, recorded)
+    if bad is None and entry.sha256 is None and recorded is None:
+        try:  # first use of an unpinned file found in place: it must parse before it is trusted
+            _parse_or_discard(check, path, str(path))
+        except ChecksumError as err:
+            bad = str(err).split("; the transfer")[0]
     if bad is None:
         if entry.sha256 is None and recorded is None:
             _trust_on_first_use(path, sha, "used")
@@ -180,12 +224,15 @@ def _verify(path: Path, rel: str) -> None:
 
 def fetch(
     files: Sequence[str], root: str | os.PathLike | None = None, *, mirror: str | None = None,
-    download: bool = True,
+    download: bool = True, check: Check | None = None,
 ) -> list[Path]:
     """Verified local paths of manifest files (keys of ``gatx.data_manifest.FILES``), downloading missing ones.
 
-    Raises :class:`DownloadError` (listing every missing file, its URL and where to put it) when a
-    file is missing and cannot be downloaded, :class:`ChecksumError` when a file is corrupt.
+    ``check(path)`` is a parser that raises on a malformed file; a file the manifest does not pin is
+    parsed with it before its hash is recorded as trusted (so a download cut short without a
+    Content-Length is discarded, not trusted). Raises :class:`DownloadError` (listing every missing
+    file, its URL and where to put it) when a file is missing and cannot be downloaded,
+    :class:`ChecksumError` when a file is corrupt or does not parse.
     """
     unknown = [rel for rel in files if rel not in FILES]
     if unknown:
@@ -199,7 +246,7 @@ def fetch(
         if download:
             url = _url(rel, base)
             try:
-                _download(url, path, FILES[rel])
+                _download(url, path, FILES[rel], check)
                 continue
             except (OSError, HTTPException) as err:
                 if isinstance(err, ChecksumError):
@@ -213,7 +260,7 @@ def fetch(
             f"or point root= / ${ENV_DIR} at a folder that holds them in this layout, or ${ENV_MIRROR} at a mirror."
         )
     for rel, path in zip(files, paths):
-        _verify(path, rel)
+        _verify(path, rel, check)
     return paths
 
 
@@ -242,6 +289,13 @@ class _PlanetoidUnpickler(pickle.Unpickler):
 def _unpickle(path: Path) -> Any:
     with open(path, "rb") as f:
         return _PlanetoidUnpickler(f, encoding="latin1").load()
+
+
+def _read_planetoid_file(path: Path) -> Any:
+    """One Planetoid file parsed: the test index as int64, else the pickle (raises if malformed)."""
+    if "test.index" in path.name:  # also the download's temporary name, .ind.<name>.test.index.<random>.part
+        return np.array(path.read_text().split(), dtype=np.int64)
+    return _unpickle(path)
 
 
 @dataclass(frozen=True, repr=False)
@@ -298,9 +352,9 @@ def load_planetoid(
     key = name.lower()
     if key not in ("cora", "citeseer", "pubmed"):
         raise ValueError(f"name must be 'cora', 'citeseer' or 'pubmed', got {name!r}")
-    paths = fetch([f"planetoid/{key}/ind.{key}.{p}" for p in _PLANETOID_PARTS], root, mirror=mirror, download=download)
-    x, tx, allx, y, ty, ally, adjacency = (_unpickle(p) for p in paths[:7])
-    test_index = np.array(paths[7].read_text().split(), dtype=np.int64)
+    paths = fetch([f"planetoid/{key}/ind.{key}.{p}" for p in _PLANETOID_PARTS], root, mirror=mirror,
+                  download=download, check=_read_planetoid_file)
+    x, tx, allx, y, ty, ally, adjacency, test_index = (_read_planetoid_file(p) for p in paths)
     test_sorted = np.sort(test_index)
 
     lo = int(test_sorted[0])
@@ -374,7 +428,7 @@ def load_mnist(
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     images, labels = fetch(
         [f"mnist/{prefix}-images-idx3-ubyte.gz", f"mnist/{prefix}-labels-idx1-ubyte.gz"], root,
-        mirror=mirror, download=download,
+        mirror=mirror, download=download, check=_read_idx,
     )
     x, y = _read_idx(images), _read_idx(labels)
     if x.ndim != 3 or y.ndim != 1 or x.shape[0] != y.shape[0]:
