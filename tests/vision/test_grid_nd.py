@@ -178,33 +178,25 @@ def test_nd_graphs_on_every_backend(name, backend, attention, bias):
 
 
 # ---------------------------------------------------------------- NATTEN itself as an external reference
-NATTEN_CASES = [  # (shape, k, d, causal); each natten call costs seconds on CPU (flex attention's block mask)
-    ((13,), 4, 2, False),  # even kernel, dilation with a remainder group
-    ((11,), 3, 2, True),  # causal + dilation: fewer keys at the start of each group
-    ((4, 5, 6), (2, 3, 3), (1, 1, 2), (True, False, False)),  # 3-D, one causal axis
+NATTEN_CASES = [  # (shape, k, d, causal); natten's first call per configuration costs seconds on CPU
+    ((11, 9), (3, 4), (2, 1), (True, False)),  # causal + dilation (fewer keys at the start), even clamped kernel
+    ((4, 5, 6), (2, 3, 3), (1, 1, 2), (True, False, False)),  # 3-D, one causal axis, dilation with a remainder
 ]
-
-
-@pytest.fixture(scope="module")
-def natten():
-    natten = pytest.importorskip("natten", reason="natten is not installed")
-    q = torch.zeros(1, 4, 1, 16)
-    try:
-        natten.na1d(q, q, q, kernel_size=3)
-    except Exception as e:  # noqa: BLE001 - a build without a CPU path: say why and skip
-        pytest.skip(f"natten cannot run a forward pass here: {type(e).__name__}: {e}")
-    return natten
 
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("shape,k,d,causal", NATTEN_CASES)
-def test_neighborhoods_match_natten(natten, shape, k, d, causal):
-    """natten.na{1,2,3}d (version installed here) and gatx's graph give the same attention output."""
+def test_neighborhoods_match_natten(shape, k, d, causal):
+    """natten.na2d / na3d (the version installed here) and gatx's graph give the same attention output."""
+    natten = pytest.importorskip("natten", reason="natten is not installed")
     gen = torch.Generator().manual_seed(0)
     B, H, D = 2, 2, 16
     q, k_, v = (torch.randn(B, *shape, H, D, generator=gen) for _ in range(3))
     fn = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(shape)]
-    ref = fn(q, k_, v, kernel_size=k, dilation=d, is_causal=causal)  # (B, *shape, H, D)
+    try:
+        ref = fn(q, k_, v, kernel_size=k, dilation=d, is_causal=causal)  # (B, *shape, H, D)
+    except (NotImplementedError, RuntimeError, ImportError) as e:  # a build without a CPU path: say why
+        pytest.skip(f"natten {natten.__version__} cannot run a forward pass here: {type(e).__name__}: {e}")
     g = neighborhood_graph(shape, k, d, is_causal=causal)
     N = math.prod(shape)
 
