@@ -49,6 +49,9 @@ class OutlookAttention(nn.Module):
     ``load_state_dict`` takes the official module's state dict. Windows follow
     ``nn.Unfold(kernel_size, padding=padding, stride=stride)``; as in VOLO their count per side must be
     ``ceil(side / stride)`` (e.g. ``padding = (kernel_size - 1) // 2`` for odd kernels), else a ValueError.
+    Every stride follows this unfold / fold definition (VOLO's first release, timm). A later revision of
+    VOLO's repository replaced the stride-1 branch by a shortcut (a (2k-1)^2 unfold of v and the attention
+    folded per pixel) that computes a different function; VOLO's models use stride 2, where all agree.
 
     Args:
         dim: channels C. num_heads: H (C must be divisible by H).

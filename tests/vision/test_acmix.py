@@ -155,7 +155,8 @@ def test_default_init_matches_official():
 
 def test_state_dict_round_trip_strict():
     ours, ref = _pair(7, 9, 5, 2, 3, 2, 1)
-    want = {"rate1", "rate2", "fc.weight", "dep_conv.weight"} | {f"{c}.{p}" for c in ("conv1", "conv2", "conv3", "conv_p") for p in ("weight", "bias")}
+    convs = {f"{c}.{p}" for c in ("conv1", "conv2", "conv3", "conv_p") for p in ("weight", "bias")}
+    want = {"rate1", "rate2", "fc.weight", "dep_conv.weight"} | convs
     assert set(ours.state_dict()) == want
     back = ACmixReference(6, 8, 5, 2, 3, 2, 1).double()
     back.load_state_dict(ours.state_dict(), strict=True)
