@@ -107,7 +107,8 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(f"side_dwconv must be odd (a centred depthwise kernel) or 0 for no LePE, got {side_dwconv}")
         if kv_downsample_mode != "identity":
             raise _unsupported("kv_downsample_mode", kv_downsample_mode, "'identity'")
-        for name, value in (("param_routing", param_routing), ("diff_routing", diff_routing), ("soft_routing", soft_routing)):
+        routing = {"param_routing": param_routing, "diff_routing": diff_routing, "soft_routing": soft_routing}
+        for name, value in routing.items():
             if value:
                 raise _unsupported(name, value, "False")
         if param_attention not in ("qkvo", "qkv"):

@@ -96,7 +96,8 @@ def region_pool(x: Tensor, n_win: int) -> Tensor:
     [2.5, 4.5, 10.5, 12.5]
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"region_pool expects a (B, Y, X, C) tensor, got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"region_pool expects a (B, Y, X, C) tensor, got {got}")
     B, Y, X, C = x.shape
     _check_regions(Y, X, n_win)
     return x.reshape(B, n_win, Y // n_win, n_win, X // n_win, C).mean((2, 4)).reshape(B, n_win * n_win, C)

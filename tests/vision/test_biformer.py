@@ -23,7 +23,7 @@ class ReferenceBRA(nn.Module):
 
     def __init__(self, dim, num_heads, n_win, qk_dim, qk_scale, topk, side_dwconv, auto_pad):
         super().__init__()
-        self.dim, self.num_heads, self.n_win, self.qk_dim, self.topk, self.auto_pad = dim, num_heads, n_win, qk_dim, topk, auto_pad
+        self.num_heads, self.n_win, self.qk_dim, self.topk = num_heads, n_win, qk_dim, topk
         self.scale = qk_scale or qk_dim ** -0.5
         self.qkv = nn.Module()
         self.qkv.qkv = nn.Linear(dim, 2 * qk_dim + dim)

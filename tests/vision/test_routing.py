@@ -75,7 +75,8 @@ def test_bad_routes(kwargs, match):
 
 def dense_attention(g, q, k, v, scale):
     """float64 masked softmax over the graph's edges; a duplicate edge counts twice (multiplicity)."""
-    mult = torch.zeros(g.num_dst, g.num_src, dtype=q.dtype).index_put_((g.dst, g.src), torch.ones(g.num_edges, dtype=q.dtype), accumulate=True)
+    ones = torch.ones(g.num_edges, dtype=q.dtype)
+    mult = torch.zeros(g.num_dst, g.num_src, dtype=q.dtype).index_put_((g.dst, g.src), ones, accumulate=True)
     s = torch.einsum("ihd,jhd->hij", q, k) * scale
     s = s.masked_fill(mult == 0, float("-inf"))
     a = torch.softmax(s, -1) * mult
