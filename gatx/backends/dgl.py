@@ -209,20 +209,42 @@ def dot_score(graph: Graph, q: Tensor, k: Tensor) -> Tensor:
     return import_dgl().ops.u_dot_v(graph.to_dgl(), k, q).squeeze(-1)
 
 
+class _EdgeSoftmax(torch.autograd.Function):
+    """DGL's edge-softmax kernel forward; a backward written in differentiable torch ops.
+
+    DGL's own backward is first-order only (a gradient penalty through it came out wrong); this one
+    is ``a * (g - sum_row(a * g))`` on the saved output, so higher-order gradients are exact.
+    """
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, graph: Graph) -> Tensor:
+        a = import_dgl().ops.edge_softmax(graph.to_dgl(), scores)
+        ctx.save_for_backward(a)
+        ctx.graph = graph
+        return a
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (a,) = ctx.saved_tensors
+        dst = ctx.graph.dst
+        ga = grad * a  # (E, H, ...)
+        row = ga.new_zeros((ctx.graph.num_dst,) + tuple(ga.shape[1:])).index_add(0, dst, ga)  # (N_dst, H, ...)
+        return ga - a * row.index_select(0, dst), None
+
+
 def edge_softmax(graph: Graph, scores: Tensor) -> Tensor:
     """DGL's edge softmax, with gatx's rule for a dst row whose scores are all -inf: 0 attention, 0 gradient.
 
     (DGL alone gives NaN there, from exp(-inf - (-inf)); the other backends give 0.)
     """
-    dgl = import_dgl()
     neg = torch.isneginf(scores)
     if bool(neg.any()):  # one cheap pass; the rest runs only when some score is -inf
         live = scores.new_zeros((graph.num_dst,) + tuple(scores.shape[1:])).index_add_(0, graph.dst, (~neg).to(scores.dtype))
         dead = (live == 0).index_select(0, graph.dst)  # (E, H, ...): edges of rows without a finite score
         if bool(dead.any()):
-            a = dgl.ops.edge_softmax(graph.to_dgl(), torch.where(dead, torch.zeros_like(scores), scores))
+            a = _EdgeSoftmax.apply(torch.where(dead, torch.zeros_like(scores), scores), graph)
             return torch.where(dead, torch.zeros_like(a), a)
-    return dgl.ops.edge_softmax(graph.to_dgl(), scores)
+    return _EdgeSoftmax.apply(scores, graph)
 
 
 def aggregate(graph: Graph, attn: Tensor, v: Tensor) -> Tensor:
