@@ -8,11 +8,14 @@ gatx.ops.sparse_attention. A classifier head reads the mean of the node states.
     python examples/patch_graph.py                 # MNIST train (60k) -> test (10k), downloads if needed
     python examples/patch_graph.py --holdout       # only the 10k test split: train 8,000 / test 2,000
 
-It saves a PNG with the attention weights of one patch drawn over some test images.
+It saves a PNG with the attention weights of one patch drawn over some test images (``--plot``; default
+``runs/patch_graph/attention-<time>.png`` in the repository, git-ignored). Progress: a bar with an ETA
+over all training steps when stderr is a terminal, and a plain line every quarter epoch.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import gatx
-from gatx.data import load_mnist
+from gatx.data import DataError, load_mnist
 from gatx.vision import NeighborhoodAttention2d, neighborhood_graph
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def batch_graph(graph: gatx.Graph, batch: int) -> gatx.Graph:
@@ -154,23 +159,57 @@ def plot_attention(model: PatchGraphNet, x: Tensor, raw: Tensor, y: Tensor, path
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> float:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data-dir", default=None, help="data root (default: $GATX_DATA_DIR or datasets/)")
+def fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every option's default (None: the help says)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    ap.add_argument("--data-dir", default=None, help="data root (default: $GATX_DATA_DIR, else datasets/)")
     ap.add_argument("--holdout", action="store_true", help="train on 8,000 test-split images, test on the other 2,000")
     ap.add_argument("--attention", choices=["gat", "na"], default="gat", help="GATConv on the grid graph, or NeighborhoodAttention2d")
-    ap.add_argument("--knn", type=int, default=0, help="also attend over a k-nearest-neighbour feature graph (GAT only)")
-    ap.add_argument("--kernel", type=int, default=3, help="grid neighbourhood size (patches per side)")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--depth", type=int, default=3)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--plot", default="patch_graph_attention.png", help="where to save the attention picture")
+    ap.add_argument("--knn", type=int, default=0, help="also attend over a k-nearest-neighbour feature graph (GAT only; 0: off)")
+    ap.add_argument("--kernel", type=int, default=3, help="grid neighbourhood size (patches per side, odd)")
+    ap.add_argument("--dim", type=int, default=64, help="node feature width")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads (must divide --dim)")
+    ap.add_argument("--depth", type=int, default=3, help="attention blocks")
+    ap.add_argument("--epochs", type=int, default=12, help="training epochs")
+    ap.add_argument("--batch-size", type=int, default=64, help="images per step")
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW, one-cycle schedule)")
+    ap.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (smoke tests; default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="where to save the attention picture (default: runs/patch_graph/attention-<time>.png in the repository)")
     args = ap.parse_args(argv)
+    for name in ("kernel", "dim", "heads", "depth", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.knn < 0 or (args.max_steps is not None and args.max_steps < 1):
+        ap.error("--knn must be 0 or positive and --max-steps positive")
+    if args.dim % args.heads:
+        ap.error(f"--heads must divide --dim, got dim {args.dim} and {args.heads} heads")
+    if args.kernel % 2 == 0 or args.kernel > 7:
+        ap.error(f"--kernel must be odd and at most 7 (the patch grid is 7x7), got {args.kernel}")
+    if args.knn > 49:
+        ap.error(f"--knn must be at most 49 (patches per image), got {args.knn}")
+    if args.attention == "gat":
+        try:
+            import matplotlib  # noqa: F401 - checked before training: the picture is drawn at the end
+        except ImportError:
+            ap.error("the attention picture needs matplotlib: pip install matplotlib (or use --attention na)")
+    return args
+
+
+def main(argv: list[str] | None = None, progress_bar: bool | None = None) -> float:
+    args = parse_args(argv)
     torch.manual_seed(args.seed)
 
     if args.holdout:
@@ -190,11 +229,19 @@ def main(argv: list[str] | None = None) -> float:
     model = PatchGraphNet(4, args.dim, args.heads, args.depth, args.attention, args.kernel, args.knn)
     print(f"model: {args.depth} x {args.attention} attention over a 7x7 patch graph (kernel {args.kernel}"
           f"{f', knn {args.knn}' if args.knn else ''}), dim {args.dim}, {args.heads} heads, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     steps_per_epoch = (len(x_tr) + args.batch_size - 1) // args.batch_size
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     total_steps = min(args.epochs * steps_per_epoch, args.max_steps or args.epochs * steps_per_epoch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=total_steps, pct_start=0.15)
+    if progress_bar if progress_bar is not None else sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False)
+    else:
+        bar = None
+    say = (lambda line: bar.write(line, file=sys.stdout)) if bar is not None else (lambda line: print(line, flush=True))
+    quarter = max(1, steps_per_epoch // 4)
     step, t0 = 0, time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         perm, seen, loss_sum, correct = torch.randperm(len(x_tr)), 0, 0.0, 0
@@ -211,15 +258,27 @@ def main(argv: list[str] | None = None) -> float:
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
             correct += int((logits.argmax(1) == yb).sum())
+            if bar is not None:
+                bar.set_description(f"epoch {epoch}/{args.epochs}", refresh=False)
+                bar.set_postfix_str(f"loss {loss_sum / seen:.4f}", refresh=False)
+                bar.update(1)
+            if step % quarter == 0 and step < total_steps:
+                spent = time.perf_counter() - t0
+                say(f"  epoch {epoch:3d} step {step}/{total_steps} | loss {loss_sum / seen:.4f} | train acc "
+                    f"{correct / seen:.4f} | {fmt_time(spent)} elapsed, ETA {fmt_time(spent / step * (total_steps - step))} "
+                    "(training steps; each epoch also evaluates)")
             if args.max_steps and step >= args.max_steps:
                 break
         acc = evaluate(model, x_te, y_te)
-        print(f"epoch {epoch:3d} | loss {loss_sum / seen:.4f} | train acc {correct / seen:.4f} | "
-              f"test acc {acc:.4f} | {time.perf_counter() - t0:6.1f} s")
+        say(f"epoch {epoch:3d} | loss {loss_sum / seen:.4f} | train acc {correct / seen:.4f} | "
+            f"test acc {acc:.4f} | {time.perf_counter() - t0:6.1f} s")
         if args.max_steps and step >= args.max_steps:
             break
+    if bar is not None:
+        bar.close()
     if args.attention == "gat":
-        plot_path = Path(args.plot).resolve()
+        plot_path = (args.plot or REPO / "runs" / "patch_graph" / f"attention-{time.strftime('%Y%m%d-%H%M%S')}.png").resolve()
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
         plot_attention(model, x_te[:8], x_te[:8] * std + mean, y_te[:8], plot_path, query=(model.side * model.side) // 2)
         print(f"saved attention picture to {plot_path}")
     else:
@@ -230,4 +289,9 @@ def main(argv: list[str] | None = None) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (DataError, ImportError) as err:  # expected: data missing offline, a missing optional package
+        sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
