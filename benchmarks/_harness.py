@@ -17,6 +17,8 @@ Peak memory, what the number means:
 """
 from __future__ import annotations
 
+import argparse
+import copy
 import json
 import os
 import platform
@@ -24,7 +26,9 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
@@ -207,7 +211,59 @@ def max_diff(got: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float]:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """A line on stderr (through tqdm, so an active progress bar is redrawn below it)."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress(items: Iterable[T], weights: list[float], label: str, bar: bool | None = None) -> Iterator[T]:
+    """Yield ``items``, reporting progress with an ETA that assumes each item costs time in proportion
+    to its weight (e.g. its node count). On a terminal (stderr) a tqdm bar; otherwise one plain line
+    per item."""
+    items = list(items)
+    total, done, t0 = float(sum(weights)) or 1.0, 0.0, time.perf_counter()
+    pbar = None
+    if sys.stderr.isatty() if bar is None else bar:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=total, leave=False, dynamic_ncols=True,
+                    bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+    try:
+        for i, (item, weight) in enumerate(zip(items, weights), 1):
+            spent = time.perf_counter() - t0
+            eta = fmt_time(spent / done * (total - done)) if done > 0 else "-"
+            if pbar is not None:
+                pbar.set_description(f"{label} {i}/{len(items)}")
+            else:
+                log(f"[{label} {i}/{len(items)}] {fmt_time(spent)} elapsed, ETA {eta} (by size)")
+            yield item
+            done += weight
+            if pbar is not None:
+                pbar.update(weight)
+    finally:
+        if pbar is not None:
+            pbar.close()
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows every option's default (also of options without
+    a help text); a default of None means "see the help" and is not shown."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def fmt_row(row: dict[str, Any]) -> str:

@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from _harness import Skip, check_and_time, environment, fwd_bwd, log, quiet_import_dgl, reexec_with_malloc_env, write_json
+from _harness import (HelpFormatter, Skip, check_and_time, environment, fwd_bwd, log, progress, quiet_import_dgl,
+                      reexec_with_malloc_env, write_json)
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
 FULL_SIZES = [32, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
@@ -29,7 +30,7 @@ TINY_SIZES = [64, 256]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU sizes for a run of about a minute")
     p.add_argument("--tiny", action="store_true", help="a few seconds: tiny sizes, 2 repetitions (for tests)")
     p.add_argument("--sizes", type=str, default=None, help="comma-separated random-graph node counts")
@@ -240,12 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     log(f"bench_gat on {env['device']}, {env['threads']} threads, torch {env['torch']}, dgl {env['dgl']}, "
         f"torch_geometric {env['torch_geometric']}")
     cases: list[Callable[[], dict[str, Any]]] = []
+    weights: list[float] = []  # for the ETA: cost taken as proportional to N x input width
     rows: list[dict[str, Any]] = []
     if not args.no_cora:
         cases.append(lambda: cora_case(args.data_dir))
+        weights.append(2708 * 1433 / args.in_feats)
     for n in args.sizes:
         cases.append(lambda n=n: random_case(n, args.in_feats, args.seed))
-    for make in cases:
+        weights.append(n)
+    for make in progress(cases, weights, "bench_gat case"):
         try:
             case = make()
         except Skip as err:

@@ -25,13 +25,13 @@ import gc
 import sys
 from typing import Any, Callable
 
-from _harness import Skip, check_and_time, environment, fwd_bwd, log, reexec_with_malloc_env, write_json
+from _harness import HelpFormatter, Skip, check_and_time, environment, fwd_bwd, log, progress, reexec_with_malloc_env, write_json
 
 STAGES = {1: (96, 3), 2: (192, 6)}  # Swin-T: stage -> (C, heads)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true", help="CPU sizes for a run of about a minute")
     p.add_argument("--tiny", action="store_true", help="a few seconds: one small map (for tests)")
     p.add_argument("--maps", type=str, default=None, help="comma-separated map sides, e.g. 14,28,56,112")
@@ -315,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     log(f"bench_vision on {env['device']}, {env['threads']} threads, torch {env['torch']}")
     rows: list[dict[str, Any]] = []
-    for cfg in args.configs:
+    weights = [m * m * k * k * STAGES[s][0] for s, m, k in args.configs]  # for the ETA: cost ~ pixels x k^2 x C
+    for cfg in progress(args.configs, weights, "bench_vision map"):
         for kind in ("na", "win"):
             rows += run_group(kind, cfg, args, env)
             gc.collect()

@@ -129,6 +129,19 @@ def _checks_and_skips(rows: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
+def busy_note(env: dict[str, Any]) -> str | None:
+    """A warning when the 1-minute load average exceeded the core count at the start or the end of the
+    run (other jobs competed for the cores, so the timings are unreliable); None otherwise."""
+    cores = env.get("cpu_count")
+    loads = {when: env.get(key) for when, key in (("start", "load_avg_1min"), ("end", "load_avg_1min_end"))}
+    busy = [f"{load} at the {when}" for when, load in loads.items() if load is not None and cores and load > cores]
+    if not busy:
+        return None
+    return (f"UNRELIABLE TIMINGS: the machine was busy (1-minute load average {' and '.join(busy)}, "
+            f"above its {cores} cores); other jobs competed for the CPU, so absolute times are inflated "
+            "and even same-run ratios can be off. Re-run on a quiet machine before quoting these numbers.")
+
+
 def env_line(payload: dict[str, Any], short: bool = False) -> str:
     e = payload["env"]
     line = (f"{e.get('device', '?')} ({e.get('cpu_count')} cores visible, torch threads: {e.get('threads')}), "
@@ -146,6 +159,9 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
            "Median wall time after warm-up; the device is synchronised before each clock read. "
            "Peak memory is the extra resident memory (CPU) or allocated memory (CUDA) while the "
            "system ran, above what its inputs already used. Wall-clock timings on a shared machine are noisy.", ""]
+    note = busy_note(payload["env"])
+    if note:
+        out[2:2] = [f"> **{note.split(':')[0]}**:{note.split(':', 1)[1]}", ""]
     gat = Rows(rows, "gat")
     if gat.rows:
         out += ["## One GAT layer, 8 heads x 8 features", ""]
@@ -168,7 +184,15 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- plots
-def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
+def _stamp_busy(fig: Any, note: str | None) -> None:
+    if note:
+        fig.text(0.5, 0.5, "UNRELIABLE TIMINGS\n(busy machine)", ha="center", va="center", fontsize=28,
+                 color="red", alpha=0.25, rotation=20, transform=fig.transFigure)
+        fig.text(0.01, 0.005, note, fontsize=6.5, color="red", wrap=True, va="bottom")
+
+
+def write_plots(payload: dict[str, Any], out_dir: Path) -> list[str]:
+    """Write ``gat.png`` / ``vision.png`` for the benchmarks present in the rows; returns the file names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,7 +200,9 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
     from matplotlib.ticker import NullFormatter
 
     title_env = env_line(payload, short=True)
+    note = busy_note(payload["env"])
     rows = payload["rows"]
+    written = []
     gat = Rows(rows, "gat")
     if gat.ok:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -196,9 +222,11 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(title_env, fontsize=8)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+        _stamp_busy(fig, note)
         fig.savefig(out_dir / "gat.png", dpi=90)
         plt.close(fig)
+        written.append("gat.png")
     vis = Rows(rows, "vision")
     if vis.ok:
         kernels = sorted({vis.first[c]["kernel"] for c in vis.cases})
@@ -221,9 +249,12 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> None:
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=7)
         fig.suptitle(title_env, fontsize=8)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.05 if note else 0, 1, 1))
+        _stamp_busy(fig, note)
         fig.savefig(out_dir / "vision.png", dpi=80)
         plt.close(fig)
+        written.append("vision.png")
+    return written
 
 
 if __name__ == "__main__":

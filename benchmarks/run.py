@@ -2,12 +2,17 @@
 
     python benchmarks/run.py --quick                    # CPU, about 2-3 minutes on 2 cores
     python benchmarks/run.py                            # full sizes (CPU: tens of minutes)
-    python benchmarks/run.py --device cuda --out-dir benchmarks/results/cuda
+    python benchmarks/run.py --quick --update-results   # rewrite the committed benchmarks/results/
+    python benchmarks/run.py --device cuda --out-dir /tmp/bench-cuda
     python benchmarks/run.py --tiny --out-dir /tmp/b    # seconds: keeps the scripts working (tests)
 
-Writes ``<out-dir>/results.json`` ({env, command, rows}), ``results.md``, ``gat.png`` and
-``vision.png``. Each benchmark runs in its own process (see ``_harness.py`` for how peak memory is
-measured). Timings are wall-clock medians: on a machine shared with other jobs they are noisy.
+Writes ``results.json`` ({env, command, rows}), ``results.md``, ``gat.png`` and ``vision.png`` into
+``--out-dir``; by default a fresh folder ``runs/benchmarks/<mode>-<time>/`` in the repository
+(git-ignored). The committed ``benchmarks/results/`` is written only with ``--update-results``.
+Each benchmark runs in its own process (see ``_harness.py`` for how peak memory is measured) and
+reports its progress per case, with an ETA. Timings are wall-clock medians: on a machine shared with
+other jobs they are noisy, and when the 1-minute load average exceeds the core count at the start
+or the end, ``results.md`` and the plots say so.
 """
 from __future__ import annotations
 
@@ -23,21 +28,36 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from report import write_markdown, write_plots  # noqa: E402
+from _harness import HelpFormatter, load_average  # noqa: E402
+from report import busy_note, write_markdown, write_plots  # noqa: E402
+
+COMMITTED = HERE / "results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="CPU in under 3 minutes on 2 cores")
     size.add_argument("--tiny", action="store_true", help="seconds: tiny sizes, for tests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--out-dir", default=str(HERE / "results"), help="where results.json/.md and the plots go")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out-dir", default=None,
+                       help="where results.json/.md and the plots go (default: runs/benchmarks/<mode>-<time>/)")
+    where.add_argument("--update-results", action="store_true",
+                       help=f"write into the committed {COMMITTED.relative_to(HERE.parent)}/ instead")
     p.add_argument("--data-dir", default=None, help="dataset root for Cora (default: the loader's default)")
-    p.add_argument("--only", choices=("gat", "vision"), default=None, help="run one benchmark")
+    p.add_argument("--only", choices=("gat", "vision"), default=None, help="run one benchmark (default: both)")
     p.add_argument("--gat-args", default="", help="extra arguments for bench_gat.py, e.g. '--sizes 1000,10000'")
     p.add_argument("--vision-args", default="", help="extra arguments for bench_vision.py, e.g. '--kernels 7'")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        p.error(f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    if args.update_results:
+        args.out_dir = str(COMMITTED)
+    elif args.out_dir is None:
+        args.out_dir = str(HERE.parent / "runs" / "benchmarks" / f"{mode}-{args.device.replace(':', '')}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
 
 
 def run_bench(script: str, args: argparse.Namespace, extra: list[str], out: Path) -> tuple[dict[str, Any] | None, str]:
@@ -46,7 +66,7 @@ def run_bench(script: str, args: argparse.Namespace, extra: list[str], out: Path
         cmd.append("--quick")
     if args.tiny:
         cmd.append("--tiny")
-    print("$ " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+    print("$ python " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=HERE.parent)
     took = time.perf_counter() - t0
@@ -60,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    load_start = load_average()
     env: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     t0 = time.perf_counter()
     benches = [("gat", "bench_gat.py", args.gat_args), ("vision", "bench_vision.py", args.vision_args)]
-    for name, script, extra in benches:
-        if args.only not in (None, name):
-            continue
+    benches = [b for b in benches if args.only in (None, b[0])]
+    print(f"results go to {out_dir}", file=sys.stderr, flush=True)
+    for i, (name, script, extra) in enumerate(benches, 1):
+        print(f"[benchmark {i}/{len(benches)}] {script} ({time.perf_counter() - t0:.0f} s elapsed)", file=sys.stderr, flush=True)
         extra_args = extra.split()
         if name == "gat" and args.data_dir:
             extra_args += ["--data-dir", args.data_dir]
@@ -85,15 +107,19 @@ def main(argv: list[str] | None = None) -> int:
         + ([f"--device {args.device}"] if args.device != "cpu" else [])
         + ([f"--gat-args '{args.gat_args}'"] if args.gat_args else [])
         + ([f"--vision-args '{args.vision_args}'"] if args.vision_args else []))
-    from _harness import load_average
-
+    env["load_avg_1min"] = load_start  # this run's start (the benchmark processes record their own)
     env["load_avg_1min_end"] = load_average()
+    env.setdefault("cpu_count", os.cpu_count())
     payload = {"env": env, "mode": mode, "command": command, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    written = ["results.json"]
     if rows:
         write_markdown(payload, out_dir / "results.md")
-        write_plots(payload, out_dir)
-    print(f"wrote {out_dir}/results.json, results.md, gat.png, vision.png in {payload['seconds']} s", file=sys.stderr)
+        written += ["results.md"] + write_plots(payload, out_dir)
+    print(f"wrote {', '.join(written)} to {out_dir} in {payload['seconds']} s", file=sys.stderr)
+    note = busy_note(env)
+    if note:
+        print("note: " + note, file=sys.stderr)
     for err in errors:
         print("error: " + err, file=sys.stderr)
     return 1 if errors else 0

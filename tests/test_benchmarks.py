@@ -13,23 +13,48 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import REQUIRE_ENV, missing_test_data, shared_datasets_dir
+
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, shared_datasets) -> Path:
+def bench_modules():
+    """run.py, report.py, _harness.py and bench_vision.py imported from benchmarks/ (they are scripts)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _harness
+        import bench_vision
+        import report
+        import run
+
+        yield run, report, _harness, bench_vision
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[Path, str]:
+    """``run.py --tiny`` into a temporary folder: (that folder, the run's stderr). Cora is included when
+    the real test data is there; the tiny run needs none otherwise (and never downloads)."""
     out = tmp_path_factory.mktemp("bench")
+    data = shared_datasets_dir()
+    why = missing_test_data(data)
+    if why is not None and os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
+        pytest.fail(f"{why} ({REQUIRE_ENV} is set)", pytrace=False)
+    extra = ["--data-dir", str(data)] if why is None else ["--gat-args=--no-cora"]
     env = dict(os.environ, OMP_NUM_THREADS="1")  # one thread: no spin-waiting on a machine busy with other tests
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "run.py"), "--tiny", "--out-dir", str(out), "--data-dir", str(shared_datasets)],
+        [sys.executable, str(BENCH / "run.py"), "--tiny", "--out-dir", str(out), *extra],
         cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )
     assert proc.returncode == 0, f"run.py --tiny failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-    return out
+    return out, proc.stderr
 
 
-def test_outputs_written(tiny_run: Path) -> None:
+def test_outputs_written(tiny_run) -> None:
+    tiny_run, stderr = tiny_run
     for name in ("results.json", "results.md", "gat.png", "vision.png"):
         assert (tiny_run / name).stat().st_size > 0, f"{name} is empty"
     for png in ("gat.png", "vision.png"):
@@ -37,10 +62,14 @@ def test_outputs_written(tiny_run: Path) -> None:
     md = (tiny_run / "results.md").read_text()
     assert "| graph | N | E |" in md and "gatx[torch]" in md and "pyg.GATConv" in md
     assert not list(tiny_run.glob("*.tmp")), "temporary per-benchmark files were left behind"
+    # progress without a terminal: one plain line per case, each with an ETA
+    assert "[benchmark 2/2] bench_vision.py" in stderr and "[bench_vision map 2/2]" in stderr, stderr[-3000:]
+    assert "[bench_gat case 2/" in stderr and "elapsed, ETA" in stderr
+    assert f"to {tiny_run} in" in stderr
 
 
-def test_every_timed_system_matched_gatx(tiny_run: Path) -> None:
-    data = json.loads((tiny_run / "results.json").read_text())
+def test_every_timed_system_matched_gatx(tiny_run) -> None:
+    data = json.loads((tiny_run[0] / "results.json").read_text())
     env, rows = data["env"], data["rows"]
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["device"] == "cpu"
     assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]
@@ -86,3 +115,70 @@ def test_wrong_system_is_not_timed() -> None:
     rows = check_and_time(row, lambda: ((lambda: x @ w * 1.01), {"w": w}), ref, gout, Args)
     assert [r["status"] for r in rows] == ["mismatch", "mismatch"] and "median_ms" not in rows[0]
     assert rows[0]["max_rel_diff"] > 5e-3
+
+
+def test_default_output_is_scratch(bench_modules) -> None:
+    """By default results go to a fresh git-ignored folder; the committed results only when asked."""
+    run = bench_modules[0]
+    args = run.parse_args(["--quick"])
+    out = Path(args.out_dir)
+    assert out.parent == REPO / "runs" / "benchmarks" and out.name.startswith("quick-cpu-"), out
+    assert Path(run.parse_args(["--update-results"]).out_dir) == BENCH / "results"
+    with pytest.raises(SystemExit):
+        run.parse_args(["--update-results", "--out-dir", "x"])
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.json")], cwd=REPO)
+    assert ignored.returncode == 0, f"{out} is not git-ignored"
+
+
+def busy_payload(tiny_dir: Path, load: float) -> dict:
+    payload = json.loads((tiny_dir / "results.json").read_text())
+    payload["env"].update(cpu_count=2, load_avg_1min=load, load_avg_1min_end=0.5)
+    return payload
+
+
+def test_busy_machine_is_flagged(tiny_run, bench_modules, tmp_path, monkeypatch) -> None:
+    """Load average above the core count at the start or the end: a note in results.md and on every plot."""
+    import matplotlib.figure
+
+    _, report, _, _ = bench_modules
+    assert report.busy_note({"cpu_count": 2, "load_avg_1min": 1.9, "load_avg_1min_end": 2.0}) is None
+    assert "3.5 at the end" in report.busy_note({"cpu_count": 2, "load_avg_1min": 1.0, "load_avg_1min_end": 3.5})
+    texts: dict[str, list[str]] = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, path, *args, **kwargs):
+        texts[Path(path).name] = [t.get_text() for t in fig.texts]
+        return real_savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    for load, busy in ((5.0, True), (1.0, False)):
+        payload = busy_payload(tiny_run[0], load)
+        report.write_markdown(payload, tmp_path / "results.md")
+        written = report.write_plots(payload, tmp_path)
+        md = (tmp_path / "results.md").read_text()
+        assert ("UNRELIABLE TIMINGS" in md) == busy and ("load average 5.0 at the start" in md) == busy, md[:600]
+        assert sorted(written) == ["gat.png", "vision.png"] == sorted(texts)
+        for name, fig_texts in texts.items():
+            assert any("UNRELIABLE TIMINGS" in t for t in fig_texts) == busy, (name, fig_texts)
+        texts.clear()
+
+
+def test_help_shows_defaults(bench_modules, capsys) -> None:
+    run, _, _, bench_vision = bench_modules
+    for parse, expected in ((run.parse_args, ["(default: cpu)"]), (bench_vision.parse_args, ["(default: 2)", "(default: 0.001)"])):
+        with pytest.raises(SystemExit):
+            parse(["--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for default in expected:
+            assert default in text, text
+
+
+def test_progress_eta_by_weight(bench_modules, capsys, monkeypatch) -> None:
+    """Plain lines without a terminal; the ETA weighs items by their cost estimate."""
+    _harness = bench_modules[2]
+    clock = iter([0.0, 0.0, 10.0])  # start; item 1 at 0 s; item 2 after 10 s spent on weight 1
+    monkeypatch.setattr(_harness.time, "perf_counter", lambda: next(clock))
+    seen = list(_harness.progress(["a", "b"], [1.0, 3.0], "case", bar=False))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert seen == ["a", "b"] and "[case 1/2] 0:00 elapsed, ETA -" in err and "[case 2/2] 0:10 elapsed, ETA 0:30" in err, err
