@@ -10,8 +10,9 @@ gradients of k and v per program, without atomics (deterministic).
 Runs on CUDA tensors: float32, float64, float16 and bfloat16 (the half types load and store in their
 own dtype and accumulate in float32).
 With ``TRITON_INTERPRET=1`` in the environment before triton is first imported, Triton's interpreter
-runs the same kernels on CPU tensors (slowly: for tests). Triton is imported only when this backend
-is asked to run an input it accepts, never on ``import gatx``.
+runs the same kernels on CPU tensors (slowly: for tests; ``backend=None`` then picks this backend for
+CPU inputs too, as the variable asks). Triton is imported only when this backend is asked to run an
+input it accepts, never on ``import gatx``.
 
 Dropout draws its (E, H) keep-mask with ``F.dropout`` on a tensor of ones of the attention's shape,
 dtype and device, so the RNG stream and the mask are those of the composed backends' ``F.dropout``
@@ -19,6 +20,12 @@ on the attention under the same seed.
 
 Limits: first-order gradients only (no double backward, no forward-mode AD); one dtype for all
 floating inputs; ``H * max(Dk, Dv)`` at most 4096 after rounding each up to a power of two.
+
+    >>> import torch, gatx
+    >>> g = gatx.Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0])).to("cuda")  # doctest: +SKIP
+    >>> q = k = v = torch.randn(3, 4, 16, device="cuda")  # doctest: +SKIP
+    >>> gatx.ops.sparse_attention(g, q, k, v, backend="triton").shape  # doctest: +SKIP
+    torch.Size([3, 4, 16])
 """
 from __future__ import annotations
 
@@ -94,7 +101,9 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     elif score is not None and v is not None:
         q, k = tensors[:2]
         want = 3 if score == "dot" else 2
-        if q.dim() != want or k.dim() != want:
+        if q is None or k is None:
+            out.append(f"the triton backend needs q and k for score={score!r}")
+        elif q.dim() != want or k.dim() != want:
             out.append(f"the triton backend needs q and k of {want} dims for score={score!r}, got {q.dim()} and {k.dim()}")
     if score is not None and v is not None:
         if v.dim() != 3:

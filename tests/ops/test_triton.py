@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 # name: (graph, score, dtype, bias, edge_weight, extra); bias "EH" / "E1"; weight "E" / "E1" / "EH"
@@ -56,92 +58,97 @@ def _run(args: list[str], interpret: bool, timeout: int) -> subprocess.Completed
 
 
 # ------------------------------------------------------------------ the tests (read the script's results)
-if __name__ != "__main__":
-    import pytest
+pytestmark = pytest.mark.skipif(_triton_missing(), reason="triton is not installed (pip install 'gatx[triton]')")
 
-    pytestmark = pytest.mark.skipif(_triton_missing(), reason="triton is not installed (pip install 'gatx[triton]')")
 
-    @pytest.fixture(scope="module")
-    def checks() -> dict:
-        proc = _run([__file__], interpret=True, timeout=600)
-        assert proc.returncode == 0, f"the interpreter checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def checks() -> dict:
+    proc = _run([__file__], interpret=True, timeout=600)
+    assert proc.returncode == 0, f"the interpreter checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    @pytest.mark.parametrize("name", list(CASES))
-    def test_matches_torch_backend(checks, name):
-        assert name not in checks["errors"], checks["errors"].get(name)
-        res = checks["cases"][name]
-        tol = 1e-12 if "f64" in name else 5e-5  # float32: two summation orders over up to 3000 terms
-        bad = {k: d for k, d in res["diffs"].items() if not d <= tol}
-        assert not bad, f"{name}: relative differences above {tol:g}: {bad}"
-        assert res["finite"], f"{name}: non-finite output"
-        assert res["grads"] and res["grads"] == res["ref_grads"], f"{name}: gradients of {res['grads']}, torch gives {res['ref_grads']}"
 
-    def test_dropout_mask_is_the_torch_and_fused_mask(checks):
-        res = checks["cases"]["dot-f32-dropout"]
-        assert res["dropped"] > 0, "no attention weight was dropped at p=0.4"
-        assert res["mask_equals_torch"], "the triton dropout mask differs from F.dropout's under the same seed"
-        assert res["mask_equals_fused"] in (True, None), "the triton dropout mask differs from the fused backend's"
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_backend(checks, name):
+    assert name not in checks["errors"], checks["errors"].get(name)
+    res = checks["cases"][name]
+    tol = 1e-12 if "f64" in name else 5e-5  # float32: two summation orders over up to 3000 terms
+    bad = {k: d for k, d in res["diffs"].items() if not d <= tol}
+    assert not bad, f"{name}: relative differences above {tol:g}: {bad}"
+    assert res["finite"], f"{name}: non-finite output"
+    assert res["grads"] and res["grads"] == res["ref_grads"], f"{name}: gradients of {res['grads']}, torch gives {res['ref_grads']}"
 
-    def test_half_precision_accumulates_in_float32(checks):
-        """3000 terms summed in the half type would be off by many ulps; float32 accumulation is within ~1."""
-        for dtype, res in checks["half"].items():
-            assert res["dtype"] == dtype, f"output dtype {res['dtype']} for {dtype} inputs"
-            assert res["out_ulps"] <= 1.0, f"{dtype}: output off by {res['out_ulps']:.2f} ulps from float64"
-            assert res["dv"] <= (2e-3 if dtype == "torch.float16" else 1.6e-2), f"{dtype}: dv relative diff {res['dv']:.3g}"
 
-    def test_reasons_under_the_interpreter(checks):
-        d = checks["dispatch"]
-        assert d["interpreted"] and d["ok"] == [], d["ok"]
-        assert d["chosen"] == "triton", f"backend=None picked {d['chosen']} for a CPU input under the interpreter"
-        assert any("only sparse_attention" in r for r in d["other_op"]), d["other_op"]
-        assert any("floating-point" in r for r in d["int_weight"]), d["int_weight"]
-        assert any("one dtype" in r for r in d["mixed_dtypes"]), d["mixed_dtypes"]
-        assert any("registers" in r for r in d["big_tile"]), d["big_tile"]
-        assert any("bias of shape" in r for r in d["bad_bias"]), d["bad_bias"]
+def test_dropout_mask_is_the_torch_and_fused_mask(checks):
+    res = checks["cases"]["dot-f32-dropout"]
+    assert res["dropped"] > 0, "no attention weight was dropped at p=0.4"
+    assert res["mask_equals_torch"], "the triton dropout mask differs from F.dropout's under the same seed"
+    assert res["mask_equals_fused"] in (True, None), "the triton dropout mask differs from the fused backend's"
 
-    def test_cpu_never_dispatches_to_triton_without_the_interpreter():
-        code = (
-            "import sys, torch, gatx\n"
-            "from gatx import Graph, ops\n"
-            "from gatx.backends import triton as tb\n"
-            "assert 'triton' not in sys.modules, 'import gatx imported triton'\n"
-            "g = Graph(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]))\n"
-            "q = torch.randn(2, 2, 4)\n"
-            "mod = ops.select(None, g, q, q, q, op='sparse_attention', score='dot')\n"
-            "ops.sparse_attention(g, q, q, q)\n"
-            "why = tb.reasons(g, q, q, q, op='sparse_attention', score='dot')\n"
-            "print(mod.NAME, 'triton' in sys.modules, why)\n"
-            "assert mod.NAME != 'triton' and 'triton' not in sys.modules\n"
-            "assert any('cuda' in r and 'TRITON_INTERPRET' in r for r in why), why\n"
-            "try:\n"
-            "    ops.sparse_attention(g, q, q, q, backend='triton')\n"
-            "    raise SystemExit('a forced triton backend ran a CPU input without the interpreter')\n"
-            "except ops.BackendUnavailable as err:\n"
-            "    assert 'cuda' in str(err)\n"
-        )
-        proc = _run(["-c", code], interpret=False, timeout=120)
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
 
-    def test_kernels_compile_for_a_cuda_gpu():
-        """The compiled path (not the interpreter): each kernel builds to an sm_80 cubin without a GPU."""
-        proc = _run([__file__, "--compile"], interpret=False, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        built = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert {b[0] for b in built} == {"fwd_kernel", "bwd_dst_kernel", "bwd_src_kernel"}
-        assert all(b[3] > 1000 for b in built), built
+def test_half_precision_accumulates_in_float32(checks):
+    """3000 terms summed in the half type would be off by many ulps; float32 accumulation is within ~1."""
+    for dtype, res in checks["half"].items():
+        assert res["dtype"] == dtype, f"output dtype {res['dtype']} for {dtype} inputs"
+        assert res["out_ulps"] <= 1.0, f"{dtype}: output off by {res['out_ulps']:.2f} ulps from float64"
+        assert res["dv"] <= (2e-3 if dtype == "torch.float16" else 1.6e-2), f"{dtype}: dv relative diff {res['dv']:.3g}"
 
-    def test_gat_benchmark_runs_the_triton_system(tmp_path):
-        """benchmarks/bench_gat.py under the interpreter: gatx[triton] is checked against gatx[torch] and timed."""
-        out = tmp_path / "gat.json"
-        proc = _run([str(REPO / "benchmarks" / "bench_gat.py"), "--tiny", "--no-cora", "--sizes", "16", "--json", str(out)],
-                    interpret=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        rows = [r for r in json.loads(out.read_text())["rows"] if r["system"] == "gatx[triton]"]
-        assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}, rows
-        for r in rows:
-            assert r["status"] == "ok", r
-            assert r["max_rel_diff"] <= 1e-5, r
+
+def test_reasons_under_the_interpreter(checks):
+    d = checks["dispatch"]
+    assert d["interpreted"] and d["ok"] == [], d["ok"]
+    assert d["chosen"] == "triton", f"backend=None picked {d['chosen']} for a CPU input under the interpreter"
+    assert any("only sparse_attention" in r for r in d["other_op"]), d["other_op"]
+    assert any("floating-point" in r for r in d["int_weight"]), d["int_weight"]
+    assert any("one dtype" in r for r in d["mixed_dtypes"]), d["mixed_dtypes"]
+    assert any("registers" in r for r in d["big_tile"]), d["big_tile"]
+    assert any("bias of shape" in r for r in d["bad_bias"]), d["bad_bias"]
+
+
+def test_cpu_never_dispatches_to_triton_without_the_interpreter():
+    code = (
+        "import sys, torch, gatx\n"
+        "from gatx import Graph, ops\n"
+        "from gatx.backends import triton as tb\n"
+        "assert 'triton' not in sys.modules, 'import gatx imported triton'\n"
+        "g = Graph(torch.tensor([0, 1, 1]), torch.tensor([1, 0, 1]))\n"
+        "q = torch.randn(2, 2, 4)\n"
+        "mod = ops.select(None, g, q, q, q, op='sparse_attention', score='dot')\n"
+        "ops.sparse_attention(g, q, q, q)\n"
+        "why = tb.reasons(g, q, q, q, op='sparse_attention', score='dot')\n"
+        "print(mod.NAME, 'triton' in sys.modules, why)\n"
+        "assert mod.NAME != 'triton' and 'triton' not in sys.modules\n"
+        "assert any('cuda' in r and 'TRITON_INTERPRET' in r for r in why), why\n"
+        "try:\n"
+        "    ops.sparse_attention(g, q, q, q, backend='triton')\n"
+        "    raise SystemExit('a forced triton backend ran a CPU input without the interpreter')\n"
+        "except ops.BackendUnavailable as err:\n"
+        "    assert 'cuda' in str(err)\n"
+    )
+    proc = _run(["-c", code], interpret=False, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_kernels_compile_for_a_cuda_gpu():
+    """The compiled path (not the interpreter): each kernel builds to an sm_80 cubin without a GPU."""
+    proc = _run([__file__, "--compile"], interpret=False, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    built = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {b[0] for b in built} == {"fwd_kernel", "bwd_dst_kernel", "bwd_src_kernel"}
+    assert all(b[3] > 1000 for b in built), built
+
+
+def test_gat_benchmark_runs_the_triton_system(tmp_path):
+    """benchmarks/bench_gat.py under the interpreter: gatx[triton] is checked against gatx[torch] and timed."""
+    out = tmp_path / "gat.json"
+    proc = _run([str(REPO / "benchmarks" / "bench_gat.py"), "--tiny", "--no-cora", "--sizes", "16", "--json", str(out)],
+                interpret=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [r for r in json.loads(out.read_text())["rows"] if r["system"] == "gatx[triton]"]
+    assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}, rows
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["max_rel_diff"] <= 1e-5, r
 
 
 # ------------------------------------------------------------------ the checks (run as a script)
