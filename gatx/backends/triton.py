@@ -43,7 +43,7 @@ from ..graph import Graph
 NAME = "triton"
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _MAX_TILE = 4096  # BLOCK_H * max(BLOCK_DK, BLOCK_DV): one row's heads x features, held in registers
-_EDGE_TILE = 2048  # BLOCK_E * BLOCK_H * max(BLOCK_DK, BLOCK_DV) of a gathered block (sm_90: no spills)
+_EDGE_TILE = 2048  # BLOCK_E * BLOCK_H * max(BLOCK_DK, BLOCK_DV): sm_90 cubins use <= 168 registers (4096: up to 255 + spills)
 _MODES = {"additive": 0, "dot": 1, "given": 2}
 
 
