@@ -259,7 +259,10 @@ def write_plots(payload: dict[str, Any], out_dir: Path) -> list[str]:
 
 if __name__ == "__main__":
     src = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "results.json")
-    data = json.loads(src.read_text())
+    try:
+        data = json.loads(src.read_text())
+    except (OSError, ValueError) as err:  # expected: a wrong path or a file that is not run.py's JSON
+        sys.exit(f"error: cannot read benchmark results from {src}: {err}")
     write_markdown(data, src.with_name("results.md"))
     write_plots(data, src.parent)
     print(f"wrote {src.with_name('results.md')} and plots in {src.parent}")
