@@ -152,14 +152,14 @@ class ACmix(nn.Module):
         # attention branch: dot attention with keys k - pe (the query's own pe term cancels)
         graph = self.attention_graph(Y, X, x.device)
         Yo, Xo = graph.structure.out_height, graph.structure.out_width
-        qn = q.view(B * Hd, D, Y, X)[:, :, ::s, ::s].reshape(B * Hd, D, Yo * Xo).permute(2, 0, 1)  # (Nq, B*Hd, D)
-        kn = (k.view(B, Hd, D, Y, X) - pe.view(1, 1, D, Y, X)).view(B * Hd, D, N).permute(2, 0, 1)  # (N, B*Hd, D)
-        vn = v.view(B * Hd, D, N).permute(2, 0, 1)  # (N, B*Hd, D)
+        qn = q.reshape(B * Hd, D, Y, X)[:, :, ::s, ::s].reshape(B * Hd, D, Yo * Xo).permute(2, 0, 1)  # (Nq, B*Hd, D)
+        kn = (k.reshape(B, Hd, D, Y, X) - pe.reshape(1, 1, D, Y, X)).reshape(B * Hd, D, N).permute(2, 0, 1)  # (N, B*Hd, D)
+        vn = v.reshape(B * Hd, D, N).permute(2, 0, 1)  # (N, B*Hd, D)
         att = ops.sparse_attention(graph, qn, kn, vn, scale=D ** -0.5, backend=self.backend)  # (Nq, B*Hd, D)
         out_att = att.permute(1, 2, 0).reshape(B, self.out_planes, Yo, Xo)
 
         # convolution branch, as the official code
-        f = torch.cat([t.view(B, Hd, D, N) for t in (q, k, v)], 1)  # (B, 3*Hd, D, N)
+        f = torch.cat([t.reshape(B, Hd, D, N) for t in (q, k, v)], 1)  # (B, 3*Hd, D, N)
         f = self.fc(f)  # (B, kc^2, D, N)
         f = f.permute(0, 2, 1, 3).reshape(B, -1, Y, X)  # (B, D*kc^2, Y, X)
         out_conv = self.dep_conv(f)  # (B, out_planes, Yo, Xo)

@@ -206,3 +206,15 @@ def test_bad_configuration():
         ACmix(6, 8, kernel_conv=2, head=2)
     with pytest.raises(ValueError, match="stride"):
         ACmix(6, 8, head=2, stride=0)
+
+
+def test_non_contiguous_input():
+    """A permuted (channels-last strided) input gives the same result as a contiguous one."""
+    from gatx.vision import ACmix
+
+    torch.manual_seed(0)
+    m = ACmix(16, 16, kernel_att=5, head=2).double()
+    x = torch.randn(2, 9, 7, 16, dtype=torch.float64).permute(0, 3, 1, 2)  # (B, C, Y, X), strided
+    assert not x.is_contiguous()
+    diff = (m(x) - m(x.contiguous())).abs().max()
+    assert diff == 0, f"max diff {diff:.3e}"
