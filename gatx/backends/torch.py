@@ -33,12 +33,13 @@ class _EdgeSoftmax(torch.autograd.Function):
     def forward(ctx, scores: Tensor, dst: Tensor, num_dst: int) -> Tensor:
         idx = dst.view(-1, *([1] * (scores.dim() - 1))).expand_as(scores)
         shape = (num_dst,) + tuple(scores.shape[1:])
-        # (N_dst, H) running max; nodes without edges or with all -inf scores keep -inf -> use 0
+        # (N_dst, H) running max; nodes without edges or with all -inf scores keep -inf -> use 0. A NaN
+        # score makes its row's normaliser NaN, so the whole row is NaN (as a dense softmax)
         row_max = scores.new_full(shape, float("-inf")).scatter_reduce_(0, idx, scores, "amax")
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         ex = (scores - row_max.index_select(0, dst)).exp_()  # (E, H)
         denom = scores.new_zeros(shape).index_add_(0, dst, ex)  # (N_dst, H)
-        denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+        denom = torch.where(denom == 0, torch.ones_like(denom), denom)  # no (unmasked) edge: 0; NaN stays NaN
         out = ex.div_(denom.index_select(0, dst))
         ctx.save_for_backward(out, dst)
         ctx.num_dst = num_dst

@@ -81,7 +81,8 @@ def edge_softmax(graph: Graph, scores: Tensor, *, backend: str | None = None) ->
     C.check_graph(graph)
     scores = C.check_tensor(scores, "scores", graph, "(E, H)")
     C.check_rows(scores, "scores", graph.num_edges, "E", tuple(range(2, 9)), "(E, H, ...)")
-    return select(_pick(backend, scores.shape[1]), graph, scores, op="edge_softmax").edge_softmax(graph, scores)
+    mod = select(_pick(backend, scores.shape[1]), graph, scores, op="edge_softmax")
+    return mod.edge_softmax(graph, scores.contiguous())  # DGL writes into it: no strided views
 
 
 def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = None) -> Tensor:
@@ -233,7 +234,7 @@ def compose(
         if bias is not None:
             s = s + bias
         s = F.leaky_relu(s, negative_slope)
-    a = mod.edge_softmax(graph, s)  # (E, H)
+    a = mod.edge_softmax(graph, s.contiguous())  # (E, H); DGL refuses strided views
     if dropout_p > 0.0:
         a = F.dropout(a, dropout_p, training=True)
     if edge_weight is not None:

@@ -316,3 +316,13 @@ def test_primitives_refuse_wrong_shapes_and_dtypes():
         ops.edge_softmax(g, torch.ones(g.num_edges, 3, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"k must have shape \(num_src, H, D\)"):
         ops.dot_score(g, q, k[:, 0])
+
+
+@pytest.mark.parametrize("backend", [b for b in PRIMITIVE_BACKENDS])
+def test_a_nan_score_makes_its_row_nan_and_only_its_row(backend):
+    """As a dense softmax: a NaN normaliser is not replaced by 1 (which gave finite, unnormalised weights)."""
+    g = Graph(torch.tensor([0, 1, 2, 0]), torch.tensor([0, 0, 1, 2]), 3, 3)
+    s = torch.tensor([[math.nan], [1.0], [2.0], [-3.0]])
+    a = ops.edge_softmax(g, s, backend=backend)
+    assert torch.isnan(a[:2]).all(), f"row 0 has a NaN score: {a.flatten()}"
+    assert a[2].item() == 1.0 and a[3].item() == 1.0, f"rows 1 and 2 are finite: {a.flatten()}"
