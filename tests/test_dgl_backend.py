@@ -41,6 +41,43 @@ def test_without_dgl_everything_runs_on_torch():
 
 
 @pytest.mark.skipif(dgl_or_none() is None, reason="DGL is not importable here")
+def test_public_import_dgl_warns_once_with_its_own_class_and_explains_graphbolt():
+    r = run_python(
+        """
+        import sys, warnings
+        import gatx
+        assert 'dgl' not in sys.modules  # import gatx never imports DGL
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter('always')
+            dgl = gatx.import_dgl()
+            again = gatx.import_dgl()
+            import dgl as plain  # the user's own import now works and is the same module
+        print(dgl is again is plain, [x.category.__name__ for x in w])
+        print(issubclass(gatx.GatxDGLWorkaroundWarning, RuntimeWarning))
+        try:
+            from dgl.graphbolt import FusedCSCSamplingGraph
+        except ImportError as e:
+            print('from-import:', type(e).__name__, e)
+        try:
+            import dgl.graphbolt.impl
+        except ImportError as e:
+            print('submodule:', e)
+        print('hasattr', hasattr(dgl.graphbolt, 'ItemSet'))
+        """
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    if "from-import:" not in r.stdout:  # a DGL build that imports plainly: no stub, no warning
+        assert lines[0] == "True []", r.stdout
+        return
+    assert lines[0] == "True ['GatxDGLWorkaroundWarning']" and lines[1] == "True", r.stdout
+    assert lines[2].startswith("from-import: GraphboltImportError dgl.graphbolt.FusedCSCSamplingGraph is unavailable"), r.stdout
+    assert "gatx replaced dgl.graphbolt with a stub" in lines[2] and "unknown location" not in r.stdout
+    assert lines[3].startswith("submodule: dgl.graphbolt.impl is unavailable"), r.stdout
+    assert lines[4] == "hasattr False", r.stdout
+
+
+@pytest.mark.skipif(dgl_or_none() is None, reason="DGL is not importable here")
 def test_graphbolt_stub_raises_clearly_when_touched():
     r = run_python(
         """
