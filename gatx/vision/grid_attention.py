@@ -80,7 +80,7 @@ class _GridAttention(nn.Module):
             self.register_parameter("relative_position_bias_table", None)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.reset_parameters()
+        # subclasses add their own parameters, then end their __init__ with self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """PyTorch's default Linear init; bias tables from a truncated normal (std 0.02), as Swin and NATTEN."""

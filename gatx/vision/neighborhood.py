@@ -58,6 +58,7 @@ class _NeighborhoodAttention(_GridAttention):
         self.dilation = dilation
         self.is_causal = is_causal
         super().__init__(dim, num_heads, k, qkv_bias, qk_scale, attn_drop, proj_drop, rel_pos_bias, backend)
+        self.reset_parameters()
 
     def grid_graph(self, shape: tuple[int, ...], device: torch.device) -> Graph:
         return neighborhood_graph(shape, self.kernel_size, self.dilation, is_causal=self.is_causal, device=device)

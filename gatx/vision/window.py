@@ -19,15 +19,27 @@ class _WindowAttention(_GridAttention):
     def __init__(
         self, dim: int, window_size: int | Sequence[int], num_heads: int, shift_size: int | Sequence[int] = 0,
         qkv_bias: bool = True, qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
-        backend: str | None = None,
+        backend: str | None = None, *, num_ttokens: int | None = None,
     ) -> None:
         w = per_axis(window_size, self.ndim, "window_size", 1)
         s = per_axis(shift_size, self.ndim, "shift_size", 0)
         if any(sa >= wa for sa, wa in zip(s, w)):
             raise ValueError(f"need 0 <= shift_size < window_size on every axis, got window_size={window_size} and shift_size={shift_size}")
+        if num_ttokens is not None and (isinstance(num_ttokens, bool) or not isinstance(num_ttokens, int) or num_ttokens < 1):
+            raise ValueError(f"num_ttokens must be None or an int >= 1 (the number of frames T), got {num_ttokens!r}")
         self.window_size = window_size
         self.shift_size = shift_size
         super().__init__(dim, num_heads, w, qkv_bias, qk_scale, attn_drop, proj_drop, True, backend)
+        self.num_ttokens = num_ttokens
+        if num_ttokens is not None:  # the temporal path's table and index (the video adapters' names)
+            T = num_ttokens
+            self.temporal_position_bias_table = nn.Parameter(torch.empty(2 * T - 1, num_heads))
+            t = torch.arange(T)
+            self.register_buffer("t_relative_coords", (t[:, None] - t[None, :] + T - 1).reshape(-1))  # (T*T,)
+        else:
+            self.register_parameter("temporal_position_bias_table", None)
+            self.register_buffer("t_relative_coords", None)
+        self.reset_parameters()
 
     def grid_graph(self, shape: tuple[int, ...], device: torch.device) -> Graph:
         return window_graph(shape, self.window_size, self.shift_size, device=device)
@@ -68,7 +80,9 @@ class WindowAttention(_WindowAttention):
     the buffer ``t_relative_coords`` (T*T,) ``= t_i - t_j + T - 1``; no spatial table, no mask. It
     runs on the same kernel, over the graph ``window_graph((T,), T)`` (batch folded into the heads).
     The parameter and buffer names are those of the Swin video adapters' ``WindowAttention(dim,
-    num_ttokens, window_size, num_heads, use_temporal=True, ...)``, so their state dict loads strictly.
+    num_ttokens, window_size, num_heads, use_temporal=True, ...)``, so their state dict loads strictly
+    (the audio-visual variant's extra ``temporal_position_bias_table_audio`` / ``t_relative_coords_a``
+    are not part of this module: drop them, or load with ``strict=False``).
 
     Args:
         dim: channels C. window_size: w, an int or (wy, wx). num_heads: H.
@@ -95,19 +109,10 @@ class WindowAttention(_WindowAttention):
         qkv_bias: bool = True, qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
         backend: str | None = None, *, num_ttokens: int | None = None, use_temporal: bool = True,
     ) -> None:
-        super().__init__(dim, window_size, num_heads, shift_size, qkv_bias, qk_scale, attn_drop, proj_drop, backend)
-        if num_ttokens is not None and (isinstance(num_ttokens, bool) or not isinstance(num_ttokens, int) or num_ttokens < 1):
-            raise ValueError(f"num_ttokens must be None or an int >= 1 (the number of frames T), got {num_ttokens!r}")
-        self.num_ttokens = num_ttokens if use_temporal else None
-        if self.num_ttokens is not None:
-            T = self.num_ttokens
-            self.temporal_position_bias_table = nn.Parameter(torch.empty(2 * T - 1, num_heads))
-            t = torch.arange(T)
-            self.register_buffer("t_relative_coords", (t[:, None] - t[None, :] + T - 1).reshape(-1))  # (T*T,)
-        else:
-            self.register_parameter("temporal_position_bias_table", None)
-            self.register_buffer("t_relative_coords", None)
-        self.reset_parameters()
+        super().__init__(
+            dim, window_size, num_heads, shift_size, qkv_bias, qk_scale, attn_drop, proj_drop, backend,
+            num_ttokens=num_ttokens if use_temporal else None,
+        )
 
     def forward(self, x: Tensor, temporal: bool = False) -> Tensor:
         if not temporal:
@@ -164,3 +169,10 @@ class WindowAttention3d(_WindowAttention):
     """
 
     ndim = 3
+
+    def __init__(
+        self, dim: int, window_size: int | Sequence[int], num_heads: int, shift_size: int | Sequence[int] = 0,
+        qkv_bias: bool = True, qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(dim, window_size, num_heads, shift_size, qkv_bias, qk_scale, attn_drop, proj_drop, backend)
