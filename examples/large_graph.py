@@ -140,8 +140,10 @@ def layerwise_inference(model: SampledGAT, graph, feats: Tensor, batch_size: int
             if out is None:
                 out = torch.zeros(n, y.shape[1], dtype=y.dtype)
             out[output_nodes] = y
-        if world > 1:
-            dist.all_reduce(out)  # rows are disjoint across processes: the sum assembles them
+        if world > 1:  # rows are disjoint across processes: the sum assembles them (nccl needs device tensors)
+            out = out.to(device)
+            dist.all_reduce(out)
+            out = out.cpu()
         h = out
     return h
 
@@ -184,7 +186,8 @@ def dgl_graph(data):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="synthetic", choices=["synthetic", "ogbn-arxiv", "ogbn-products"])
-    p.add_argument("--tiny", action="store_true", help="small synthetic graph and short schedule: " + str(TINY))
+    p.add_argument("--tiny", action="store_true", help="small synthetic graph and short schedule: "
+                   + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in TINY.items()))
     p.add_argument("--nodes", type=int, default=1_000_000, help="synthetic: nodes")
     p.add_argument("--edges", type=int, default=20_000_000, help="synthetic: directed edges (2 per pair)")
     p.add_argument("--classes", type=int, default=10, help="synthetic: classes")
@@ -252,7 +255,7 @@ def main(argv=None) -> dict:
                             device, args.workers, args.max_steps, show=rank == 0)
         seconds = time.perf_counter() - t0
         if world > 1:  # the loss over all processes' seeds
-            both = torch.tensor([stats["loss"] * stats["seeds"], stats["seeds"]], dtype=torch.float64)
+            both = torch.tensor([stats["loss"] * stats["seeds"], stats["seeds"]], dtype=torch.float64, device=device)
             dist.all_reduce(both)
             stats["loss"] = (both[0] / both[1]).item()
         line = f"epoch {epoch:3d} | loss {stats['loss']:.4f} | {seconds:.1f}s | {stats['seeds'] * world / seconds:.0f} seeds/s"

@@ -285,3 +285,19 @@ def test_fused_second_order_with_every_option_matches_torch(score):
         results[backend] = list(first) + list(second)
     for i, (x, y) in enumerate(zip(results["fused"], results["torch"])):
         assert (x - y).abs().max() < 1e-10, f"tensor {i}: max diff {(x - y).abs().max():.3g}"
+
+
+# ------------------------------------------------------------------ noise (issue 13 item 14)
+def test_no_sparse_csr_beta_warning_from_gatxs_own_sparse_tensors():
+    r = run_python(
+        """
+        import torch, gatx
+        from gatx.data import row_normalize
+        g = gatx.Graph(torch.tensor([0, 1, 2, 3, 4]), torch.tensor([1, 2, 3, 4, 0]))
+        x = row_normalize(torch.rand(5, 4).to_sparse_coo())  # COO in: gatx makes the CSR tensors
+        gatx.GATConv(4, 2, 2)(g, x).sum().backward()
+        gatx.GATConv(4, 2, 2, head_feat_drop=True, feat_drop=0.5)(g, x)
+        """
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Sparse CSR tensor support is in beta" not in r.stderr, r.stderr

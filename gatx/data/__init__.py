@@ -397,9 +397,14 @@ def row_normalize(features: Tensor) -> Tensor:
         rows = torch.repeat_interleave(torch.arange(features.shape[0]), crow.diff())
         total = torch.zeros(features.shape[0], dtype=val.dtype).index_add_(0, rows, val)
         total = torch.where(total == 0, torch.ones_like(total), total)
-        return torch.sparse_csr_tensor(crow, col, val / total[rows], features.shape, check_invariants=False)
+        with warnings.catch_warnings():  # gatx's own CSR tensor: not the user's concern
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            return torch.sparse_csr_tensor(crow, col, val / total[rows], features.shape, check_invariants=False)
     if features.layout == torch.sparse_coo:
-        return row_normalize(features.coalesce().to_sparse_csr()).to_sparse_coo()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+            csr = features.coalesce().to_sparse_csr()
+        return row_normalize(csr).to_sparse_coo()
     total = features.sum(-1, keepdim=True)
     return features / torch.where(total == 0, torch.ones_like(total), total)
 

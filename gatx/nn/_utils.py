@@ -1,6 +1,7 @@
 """Shared helpers of the graph layers: graph coercion, dropout and projections that keep sparse features sparse."""
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Any
@@ -137,6 +138,15 @@ class _CSRHeadLinear(torch.autograd.Function):
         return None, None, torch.cat(gw, 0)  # (H*D, F)
 
 
+def as_csr(x: Tensor) -> Tensor:
+    """``x`` as sparse CSR; the conversion gatx makes itself does not print torch's "CSR is beta" warning."""
+    if x.layout == torch.sparse_csr:
+        return x
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return x.to_sparse_csr()
+
+
 def project_heads(x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
     """(N, H*D): head h is ``(x * scale[h]) @ weight[h*D:(h+1)*D].t()``, where ``scale`` (H, N, F)
     multiplies a dense ``x`` and ``scale`` (H, nnz) multiplies a sparse ``x``'s stored values (in
@@ -146,7 +156,7 @@ def project_heads(x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
     if not is_sparse(x):
         return torch.cat([(x * scale[h]) @ w[h].t() for h in range(H)], 1)  # (N, H*D)
     if not x.requires_grad:
-        return _CSRHeadLinear.apply(x if x.layout == torch.sparse_csr else x.to_sparse_csr(), scale, weight)
+        return _CSRHeadLinear.apply(as_csr(x), scale, weight)
     c = x.to_sparse_coo().coalesce()  # row-major, the same value order as CSR
     outs = [
         torch.sparse.mm(torch.sparse_coo_tensor(c.indices(), c.values() * scale[h], c.shape, is_coalesced=True,
@@ -182,7 +192,7 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
     if x.requires_grad:
         out = torch.sparse.mm(x, layer.weight.t())  # (N, out) dense; gradients flow to x and the weight
     else:
-        out = _CSRLinear.apply(x if x.layout == torch.sparse_csr else x.to_sparse_csr(), layer.weight)
+        out = _CSRLinear.apply(as_csr(x), layer.weight)
     return out + layer.bias if layer.bias is not None else out
 
 
