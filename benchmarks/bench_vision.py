@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--na-rpb", action="store_true",
                    help="neighborhood attention with a relative position bias (dense then uses a float mask)")
     p.add_argument("--all-backends", action="store_true", help="time gatx on every backend, not only the default (full run: on)")
+    p.add_argument("--family", choices=("with", "without", "only"), default="with",
+                   help="rows of the vision family vs their official formulations (outlook, bi-level routing, ACmix, "
+                        "temporal; bench_vision_family.py, sizes by --tiny / --quick): with these rows, without, or only them")
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=str, default=None)
@@ -316,10 +319,14 @@ def main(argv: list[str] | None = None) -> int:
     log(f"bench_vision on {env['device']}, {env['threads']} threads, torch {env['torch']}")
     rows: list[dict[str, Any]] = []
     weights = [m * m * k * k * STAGES[s][0] for s, m, k in args.configs]  # for the ETA: cost ~ pixels x k^2 x C
-    for cfg in progress(args.configs, weights, "bench_vision map"):
+    for cfg in progress(args.configs if args.family != "only" else [], weights, "bench_vision map"):
         for kind in ("na", "win"):
             rows += run_group(kind, cfg, args, env)
             gc.collect()
+    if args.family != "without":
+        from bench_vision_family import run_family
+
+        rows += run_family(args)
     write_json(args.json, env, rows)
     return 0
 

@@ -179,6 +179,10 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
             sub = Rows([r for r in rows if r.get("group") == group], "vision")
             if sub.cases:
                 out += [f"### {group} attention: ratios", ""] + ratio_table(sub, "vision")
+    if any(r.get("bench") == "vision_family" for r in rows):  # outlook, routing, ACmix, temporal vs official
+        from bench_vision_family import markdown_section
+
+        out += markdown_section(rows)
     out += _checks_and_skips(rows)
     path.write_text("\n".join(out))
 
