@@ -17,6 +17,13 @@ of a crash or someone else's code:
   temporary files left by a killed build are removed.
 - **Verified**: before ``dlopen`` the library's size and sha256 must match its record; a truncated
   or altered file (which would make ``dlopen`` raise SIGBUS) is rebuilt instead.
+
+The build runs on first use, announced by one line on stderr (15-35 s of one core, once per
+machine); ``python -m gatx.backends.fused_build`` runs it ahead of time (e.g. in a Dockerfile).
+It is not built at install time: the library is tuned with ``-march=native`` for the CPU it is
+built on, and an install-time build would travel inside cached or shared wheels to other CPUs;
+editable installs would also need it rebuilt whenever the source changes, which the cache key
+(source, flags, compiler, CPU) already handles.
 """
 from __future__ import annotations
 
@@ -225,3 +232,7 @@ def build() -> Path:
     if not verified(path):
         raise OSError(f"the compiled library {path} does not match its recorded size and sha256")
     return path
+
+
+if __name__ == "__main__":  # python -m gatx.backends.fused_build: build ahead of first use (e.g. in a Dockerfile)
+    print(build())
