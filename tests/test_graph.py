@@ -131,3 +131,19 @@ def test_dgl_round_trip_and_blocks():
 def test_to_device_is_identity_on_same_device():
     g = Graph(torch.tensor([0]), torch.tensor([0]))
     assert g.to("cpu") is g
+
+
+def test_derived_graphs_share_guarded_storage():
+    """reverse(), from_csr() and to() make no unchecked copies: a write through any of them is refused."""
+    g = Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0]))
+    r = g.reverse()
+    r.src[0] = 2  # r.src is g.dst
+    for graph in (g, r):
+        assert not graph.is_intact()
+        with pytest.raises(ValueError, match="modified in place"):
+            graph.csr()
+    c = Graph.from_csr(torch.tensor([0, 2, 3]), torch.tensor([0, 1, 1]))
+    c.csr().indptr[1] = 3
+    with pytest.raises(ValueError, match=r"csr\(\).indptr was modified in place"):
+        c.csr()
+    assert Graph(torch.tensor([0]), torch.tensor([0])).to("cpu").is_intact()
