@@ -28,9 +28,10 @@ from ..graph import Graph
 
 __all__ = ["GridStructure", "neighborhood_graph", "window_graph"]
 
-# Query tile length per axis for neighborhoods, by number of axes. 2-D: 7 x 7 queries read a
-# (6 + k) x (6 + k) halo; on CPU (56 x 56, k = 7, fwd + bwd) 7 and 8 were fastest among 4..14.
-# 3-D tiles of 4 x 4 x 4 keep about as many queries per tile; 1-D tiles of 16 amortise the halo.
+# Query tile length per axis for neighborhoods, by number of axes (CPU, fwd + bwd, C = 96, 3 heads):
+# 2-D: 7 x 7 queries read a (6 + k) x (6 + k) halo; on 56 x 56, k = 7, 7 and 8 were fastest among 4..14.
+# 1-D: L = 4096, k = 7: 16 beat 8, 32 and 64 by 15-30%. 3-D: 8 x 28 x 28, k = (3, 7, 7): 4 beat 2, 3, 5
+# and 7; (1 or 2, 4, 4) came within the noise of a loaded machine, so one length per axis is kept.
 TILE = {1: 16, 2: 7, 3: 4}
 _SEQ = (tuple, list, torch.Size)
 
