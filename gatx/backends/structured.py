@@ -344,7 +344,58 @@ def sparse_attention(
     Works head-major: (N, H, D) inputs whose memory is (H, N, D) (``t.transpose(0, 1)`` of a
     contiguous tensor, as the vision modules pass them) are used without a copy, others are copied
     once. The output (N, H, Dv) is such a transposed view of an (H, N, Dv) tensor.
+
+    Non-finite values stay where the graph puts them, as on every other backend. In a dense tile a
+    query's masked slots still read real keys and values of the halo: a NaN / Inf key or value, or a
+    score that overflows, would reach every query of the tile (``-inf + inf`` and ``0 * NaN`` are
+    NaN), and softmax gives NaN to a row whose edges are all ``-inf`` (the documented answer is 0).
+    Both can only produce non-finite numbers, so the result is checked: when the output (or the
+    returned attention) is not all finite, or, with gradients, an input is not, the call is computed
+    per edge instead (the torch backend's kernels, the reference semantics). One sum per tensor and,
+    on a GPU, one synchronisation; finite inputs with finite results take the dense path alone. Not
+    covered: a non-finite *upstream gradient* of one query spreads to its tile's keys and values.
     """
+    res = _tiled(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
+                 return_attention=return_attention)
+    checked = list(res) if return_attention else [res]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        checked += [q, k, v]  # a non-finite input with a finite output still spreads in the backward (0 * inf)
+    if _all_finite(checked):
+        return res
+    return _per_edge(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
+                     return_attention=return_attention)
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every value is finite, from one sum per tensor (an overflowing sum only costs the slow path)."""
+    total = sum(t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in tensors)
+    return bool(torch.isfinite(total))
+
+
+def _per_edge(
+    graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: Tensor | None,
+    edge_weight: Tensor | None, dropout_p: float, return_attention: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The same attention edge by edge on the torch backend's kernels (no dense tiles, nothing shared)."""
+    from . import torch as reference
+
+    s = reference.dot_score(graph, q, k) * scale  # (E, H)
+    if bias is not None:
+        s = s + bias
+    a = reference.edge_softmax(graph, s.contiguous())  # (E, H); all -inf rows give 0
+    if dropout_p > 0.0:
+        a = F.dropout(a, dropout_p, training=True)
+    if edge_weight is not None:
+        a = a * (edge_weight.unsqueeze(-1) if edge_weight.dim() == 1 else edge_weight)
+    out = reference.aggregate(graph, a, v)  # (N, H, Dv)
+    return (out, a) if return_attention else out
+
+
+def _tiled(
+    graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, scale: float, bias: Tensor | None,
+    edge_weight: Tensor | None, dropout_p: float, return_attention: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The dense-tile computation (see the module docstring); non-finite values may spread within a tile."""
     tl = tiling_of(graph)
     H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
     T, Qt, Kt = tl.mask.shape
