@@ -158,7 +158,8 @@ class Tiling:
     (T*Kt rows) gather the node of each query / halo slot; ``owner`` (N rows) gathers, for each node,
     the query slot whose output it keeps. ``keys_are_queries``: each tile's halo is its query block
     (unshifted windows), so keys are laid out like queries, without a gather. ``full``: no dense
-    position is masked (``pos_edge < E``).
+    position is masked (``pos_edge < E``). ``edge_order``: the dense layout is the edge order
+    (``pos_edge`` is ``arange(E)``, e.g. one tile holding every query), so per-edge values need no gather.
     """
 
     axes: tuple[AxisTiling, ...]
@@ -170,6 +171,7 @@ class Tiling:
     owner: RowGather
     keys_are_queries: bool
     full: bool
+    edge_order: bool
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -272,7 +274,8 @@ def grid_tiling(*axes: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
     identity = all(a.identity for a in axes)
     keys_are_queries = identity and torch.equal(key_nodes, query_nodes)
     full = bool((pos_edge < E).all())
-    return Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, keys_are_queries, full), src, dst
+    edge_order = full and torch.equal(pos_edge, torch.arange(E))
+    return Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, keys_are_queries, full, edge_order), src, dst
 
 
 # ---------------------------------------------------------------------------------------- kernel
@@ -328,10 +331,16 @@ class _EdgesToDense(torch.autograd.Function):
         return grad.index_select(1, edge_pos), None, None, None, None
 
 
-def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> Tensor:
-    """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout."""
-    vals = vals.reshape(vals.shape[0], -1).t().contiguous()  # (C, E)
-    return _EdgesToDense.apply(vals, tiling.pos_edge, tiling.edge_pos, fill, tiling.full)
+def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
+    """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout, and whether it is a new tensor.
+
+    When the dense layout is the edge order, that is ``vals`` itself (no gather, and maybe the caller's
+    memory: never write into it); otherwise a fresh tensor.
+    """
+    vals = vals.reshape(vals.shape[0], -1).t()  # (C, E)
+    if tiling.edge_order:
+        return vals, False
+    return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full), True
 
 
 def sparse_attention(
@@ -350,16 +359,18 @@ def sparse_attention(
     score that overflows, would reach every query of the tile (``-inf + inf`` and ``0 * NaN`` are
     NaN), and softmax gives NaN to a row whose edges are all ``-inf`` (the documented answer is 0).
     Both can only produce non-finite numbers, so the result is checked: when the output (or the
-    returned attention) is not all finite, or, with gradients, an input is not, the call is computed
-    per edge instead (the torch backend's kernels, the reference semantics). One sum per tensor and,
-    on a GPU, one synchronisation; finite inputs with finite results take the dense path alone. Not
-    covered: a non-finite *upstream gradient* of one query spreads to its tile's keys and values.
+    returned attention) is not all finite, or, with gradients and masked slots, q or k is not, the
+    call is computed per edge instead (the torch backend's kernels, the reference semantics). One
+    sum per checked tensor and, on a GPU, one synchronisation; finite inputs with finite results
+    take the dense path alone. (A non-finite value of v always shows in the output: every halo slot
+    is some query's key.) Not covered: a non-finite *upstream gradient* of one query spreads to the
+    keys and values of its tile.
     """
     res = _tiled(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
                  return_attention=return_attention)
     checked = list(res) if return_attention else [res]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        checked += [q, k, v]  # a non-finite input with a finite output still spreads in the backward (0 * inf)
+    if not tiling_of(graph).full and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        checked += [q, k]  # finite outputs, yet 0 * inf in the backward of a masked slot (e.g. a -inf key)
     if _all_finite(checked):
         return res
     return _per_edge(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
@@ -418,9 +429,10 @@ def _tiled(
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
         V = tl.key_nodes(v).view(H * T, Kt, Dv)
-    dense_bias = None
+    dense_bias, fresh = None, False
     if bias is not None:
-        dense_bias = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf")).view(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
+        dense_bias, fresh = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf"))
+        dense_bias = dense_bias.reshape(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
     fused = (bias is None or not bias.requires_grad) and edge_weight is None and dropout_p == 0.0 and not return_attention
     if fused:  # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
         mask = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
@@ -432,7 +444,9 @@ def _tiled(
         if dense_bias is None:
             s = torch.bmm(Q, K.transpose(1, 2)).view(H, T, Qt, Kt)
             s = s.add_(tl.mask.to(s.dtype)).view(H * T, Qt, Kt)  # -inf outside each query's keys
-        else:  # accumulate the scores into the fresh dense bias, in place (its backward needs no values)
+        elif dense_bias.shape[0] == H and not fresh:  # the bias as given (edge order): never written into
+            s = torch.baddbmm(dense_bias.reshape(H * T, Qt, Kt), Q, K.transpose(1, 2))  # (H*T, Qt, Kt)
+        else:  # accumulate the scores into a fresh dense bias, in place (its backward needs no values)
             s = dense_bias.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
             if dense_bias.shape[0] != H:
                 s = s.contiguous()
@@ -441,7 +455,7 @@ def _tiled(
         if dropout_p > 0.0:
             a = F.dropout(a, dropout_p, training=True)
         if edge_weight is not None:
-            w = _edges_to_dense(edge_weight.to(a.dtype), tl, 0.0).view(-1, T, Qt, Kt)
+            w = _edges_to_dense(edge_weight.to(a.dtype), tl, 0.0)[0].reshape(-1, T, Qt, Kt)
             a = a * w.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
         o = torch.bmm(a, V)  # (H*T, Qt, Dv)
     if tl.identity:

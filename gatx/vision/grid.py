@@ -79,17 +79,18 @@ class GridStructure:
 
         Head index ``b * H + h``, as when a batch is folded into the heads. Same values as
         ``table[rel_pos_index].repeat(1, batch)``; the result is a transposed view of a head-major
-        (batch * H, E) tensor, and the backward into the table is a segment sum, not a scatter-add.
+        (batch * H, E) tensor. The gather runs once, on (H, E), then repeats: the backward is a sum
+        over the batch and one segment sum into the table (not a scatter-add, nor a batch-sized gather).
         """
         if table.dim() != 2 or table.shape[0] != self.table_size:
             raise ValueError(
                 f"the relative position bias table must have shape ({self.table_size}, H) for size {_fmt(self.size)}, "
                 f"got {tuple(table.shape)}"
             )
-        t = table.t()  # (H, rows)
+        per_edge = self.rel_pos_gather(table.t())  # (H, E)
         if batch > 1:
-            t = t.repeat(batch, 1)  # (B*H, rows)
-        return self.rel_pos_gather(t).t()  # (E, B*H)
+            per_edge = per_edge.repeat(batch, 1)  # (B*H, E)
+        return per_edge.t()  # (E, B*H)
 
     def __repr__(self) -> str:
         if self.kind == "neighborhood":

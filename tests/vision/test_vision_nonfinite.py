@@ -21,6 +21,7 @@ GRAPHS = {
     "na 13x10 k5": lambda: neighborhood_graph(13, 10, 5),  # 7x7 query tiles, an 11x11 halo
     "win 8x8 w4 s2": lambda: window_graph(8, 8, 4, 2),  # shifted windows
     "na 1-D L=40 k3 causal": lambda: neighborhood_graph((40,), kernel_size=3, is_causal=True),  # 16-query tiles
+    "win 8x8 w4": lambda: window_graph(8, 8, 4),  # no masked slot: only the output is checked
 }
 POISONS = ["nan value", "inf value", "inf key", "-inf key", "overflowing key", "nan query", "row fully masked"]
 NODE = 9  # the poisoned node: in a tile that also holds queries it does not reach, in every graph above

@@ -19,6 +19,8 @@ GRAPHS = {
     "win 8x8 w4 s2": lambda: window_graph(8, 8, 4, 2),
     "win 10x7 w4 s3": lambda: window_graph(10, 7, 4, 3),
     "win 5x6 w7 s3": lambda: window_graph(5, 6, 7, 3),
+    "win 1-D 12 w4": lambda: window_graph((12,), 4),  # dense layout = edge order: per-edge values used as given
+    "win 1-D 8 w8": lambda: window_graph((8,), 8),  # one tile of all pairs (the temporal path's graph)
 }
 
 
@@ -77,6 +79,22 @@ def test_structured_fused_call_equals_torch(name, dtype, bias):
     for n, a, r in zip(["out", "grad q", "grad k", "grad v"], auto, ref):
         err = float((a - r).detach().abs().max())
         assert err <= tol, f"{name} {dtype} {bias}: {n} differs from the torch backend by {err:.3g}"
+
+
+@pytest.mark.parametrize("head_major", [False, True])
+def test_bias_in_edge_order_is_not_written_into(head_major):
+    """Where the dense layout is the edge order, the caller's bias is read in place, never modified."""
+    g = window_graph((8,), 8)
+    assert g.structure.tiling.edge_order and not neighborhood_graph(8, 8, 3).structure.tiling.edge_order
+    q, k, v, bias, _ = inputs(g, H=3, D=4, dtype=torch.float64)
+    given = bias.detach().t().contiguous().t() if head_major else bias.detach().clone()  # (E, H)
+    kept = given.clone()
+    for attention in (False, True):
+        got = run(g, q, k, v, "structured", attention, bias=given)
+        ref = run(g, q, k, v, "torch", attention, bias=given)
+        assert torch.equal(given, kept), "the bias was written into"
+        for a, r in zip(got, ref):
+            assert float((a - r).detach().abs().max()) < 1e-12
 
 
 def test_structured_is_chosen_automatically():
