@@ -206,7 +206,7 @@ def run_isolated(kind: str, args: argparse.Namespace) -> dict:
     return row
 
 
-def save_plot(rows: list[dict], path: Path) -> None:
+def save_plot(rows: list[dict], path: Path, note: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +222,11 @@ def save_plot(rows: list[dict], path: Path) -> None:
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.1f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i, v, f"{v:.1f}" if key == "accuracy" else f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     if ok:
         axes[0].set_ylim(min(r["accuracy"] * 100 for r in ok) - 5, 100)
-    fig.suptitle("gatx vision zoo: one tiny two-stage net per attention kind, MNIST test split holdout", fontsize=10)
+    fig.suptitle(f"gatx vision zoo: one tiny two-stage net per attention kind, MNIST test-split holdout ({note})",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -251,11 +252,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         sys.exit(f"vision_zoo: {err}")
     print(f"vision zoo: {len(args.kinds)} kinds x {args.epochs} epochs on 8,000 MNIST test-split images, "
           f"held-out 2,000; {args.threads} threads each", flush=True)
+    load_start = os.getloadavg()[0]
     rows = [run_isolated(kind, args) for kind in args.kinds]
+    load_end = os.getloadavg()[0]
+    note = f"{args.threads} thread(s), load average {load_start:.1f} -> {load_end:.1f} on {os.cpu_count()} cores"
+    if max(load_start, load_end) > (os.cpu_count() or 1):
+        note += ": busy machine, timings unreliable"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vision_zoo.json").write_text(json.dumps(rows, indent=1))
-    save_plot(rows, out / "vision_zoo.png")
+    (out / "vision_zoo.json").write_text(json.dumps({"note": note, "rows": rows}, indent=1))
+    save_plot(rows, out / "vision_zoo.png", note)
     print(f"\n| kind | held-out accuracy | ms / epoch | peak memory (MiB) | parameters |\n|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         else:
             print(f"| {r['kind']} | {r['accuracy'] * 100:.2f}% | {r['ms_per_epoch']:.0f} | {r['peak_mib']:.0f} | "
                   f"{r['params']:,} |")
-    print(f"\nsaved {out / 'vision_zoo.json'} and {out / 'vision_zoo.png'}")
+    print(f"\n{note}; peak memory = growth of the process's peak RSS during training and evaluation")
+    print(f"saved {out / 'vision_zoo.json'} and {out / 'vision_zoo.png'}")
     return rows
 
 
