@@ -400,3 +400,18 @@ class TemporalWindowAttention(nn.Module):
         bias = self.temporal_position_bias_table[self.t_relative_coords].view(T, T, -1).permute(2, 0, 1)
         attn = (attn + bias[None]).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(B_, T, C))
+
+
+def assert_module_matches(ours: nn.Module, ref: nn.Module, x: Tensor, out_tol: float = 1e-12,
+                          grad_tol: float = 1e-11) -> Tensor:
+    """ours(x) equals ref(x), and so do the gradients of x and of every parameter (matched by name)
+    under a random output weighting; returns ours(x). x must require grad."""
+    out, want = ours(x), ref(x)
+    assert (out - want).abs().max() < out_tol, f"max diff {(out - want).abs().max():.3e}"
+    w = torch.randn_like(want)
+    names = [n for n, _ in ours.named_parameters()]
+    got = torch.autograd.grad((out * w).sum(), [x] + list(ours.parameters()), retain_graph=True)
+    exp = torch.autograd.grad((want * w).sum(), [x] + [dict(ref.named_parameters())[n] for n in names])
+    for name, a, b in zip(["x"] + names, got, exp):
+        assert (a - b).abs().max() < grad_tol, f"grad {name}: max diff {(a - b).abs().max():.3e}"
+    return out
