@@ -208,3 +208,62 @@ def rows_prefix(x: Tensor, n: int) -> Tensor:
     if not is_sparse(x):
         return x[:n]
     return x.to_sparse_coo().index_select(0, torch.arange(n, device=x.device))
+
+
+def head_blocks(attn: Tensor) -> Tensor:
+    """The (H*D, H) block-diagonal matrix of a (1, H, D) attention vector: ``feat @ it`` is the
+    per-head dot product ``(feat.view(N, H, D) * attn).sum(-1)`` as one GEMM."""
+    H, D = attn.shape[1], attn.shape[2]
+    eye = torch.eye(H, dtype=attn.dtype, device=attn.device)
+    return (attn[0].unsqueeze(-1) * eye.unsqueeze(1)).reshape(H * D, H)  # (H*D, H)
+
+
+def _diag_blocks(m: Tensor, heads: int) -> Tensor:
+    """(H, H*D) -> (1, H, D): row h's block h (the per-head gradient of an attention vector)."""
+    idx = torch.arange(heads, device=m.device)
+    return m.view(heads, heads, -1)[idx, idx].unsqueeze(0)
+
+
+class _ScoredProjection(torch.autograd.Function):
+    """``feat = x @ weight.t()``, ``el = feat @ head_blocks(attn_l)``, ``er = feat[:n_dst] @ head_blocks(attn_r)``.
+
+    Backward sends the score gradients (N, H) to ``x`` and ``weight`` through the folded (F, H)
+    matrices ``weight.t() @ head_blocks(a)``, so no (N, H*D) gradient is made for them, and none
+    for the dst rows' slice: one (N, H*D) buffer fewer per term than autograd through the same ops
+    (on CPU each fresh buffer of a sampled block's size costs its page faults).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, attn_l: Tensor, attn_r: Tensor, n_dst: int):
+        feat = x @ weight.t()  # (N, H*D)
+        el = feat @ head_blocks(attn_l)  # (N, H)
+        er = feat[:n_dst] @ head_blocks(attn_r)  # (n_dst, H)
+        ctx.save_for_backward(x, weight, attn_l, attn_r, feat)
+        ctx.n_dst = n_dst
+        return feat, el, er
+
+    @staticmethod
+    def backward(ctx, g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None):
+        x, weight, attn_l, attn_r, feat = ctx.saved_tensors
+        n, H = ctx.n_dst, attn_l.shape[1]
+        need_x, need_w, need_l, need_r = ctx.needs_input_grad[:4]
+        terms = [(g, a, rows) for g, a, rows in ((g_el, attn_l, None), (g_er, attn_r, n)) if g is not None]
+        gx = gw = gl = gr = None
+        if need_x:
+            gx = g_feat @ weight if g_feat is not None else x.new_zeros(x.shape)  # (N, F)
+            for g, a, rows in terms:
+                (gx if rows is None else gx[:rows]).addmm_(g, (weight.t() @ head_blocks(a)).t())
+        if need_w:
+            gw = g_feat.t() @ x if g_feat is not None else weight.new_zeros(weight.shape)  # (H*D, F)
+            for g, a, rows in terms:
+                gw = gw + head_blocks(a) @ (g.t() @ (x if rows is None else x[:rows]))
+        if need_l and g_el is not None:
+            gl = _diag_blocks(g_el.t() @ feat, H)
+        if need_r and g_er is not None:
+            gr = _diag_blocks(g_er.t() @ feat[:n], H)
+        return gx, gw, gl, gr, None
+
+
+def scored_projection(x: Tensor, weight: Tensor, attn_l: Tensor, attn_r: Tensor, n_dst: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(feat (N, H*D), el (N, H), er (n_dst, H)) of a dense 2-D ``x`` (see :class:`_ScoredProjection`)."""
+    return _ScoredProjection.apply(x, weight, attn_l, attn_r, n_dst)
