@@ -95,6 +95,39 @@ class _EdgesToDense(torch.autograd.Function):
         return grad.index_select(1, edge_pos), None, None, None, None
 
 
+class _FusedSDPA(torch.autograd.Function):
+    """``scaled_dot_product_attention`` (the flash kernel on CPU) with gradients of any order.
+
+    The forward keeps the fused call's own autograd graph, and a first-order backward runs it (no
+    recomputation). The flash kernel has no double backward, so a backward that builds a graph
+    (``create_graph=True``) recomputes the attention written out (matmul, softmax, matmul) from the
+    saved inputs and differentiates that: exact second-order gradients instead of an error.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+            out = F.scaled_dot_product_attention(*leaves, attn_mask=mask, scale=scale)
+        ctx.inner = (out, leaves)
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.scale = scale
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, mask = ctx.saved_tensors
+        want = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            a = torch.softmax(torch.matmul(q * ctx.scale, k.transpose(-1, -2)) + mask, dim=-1)
+            out, inputs = torch.matmul(a, v), [q, k, v]
+        else:
+            out, inputs = ctx.inner
+        wanted = [t for t, w in zip(inputs, want) if w]
+        grads = iter(torch.autograd.grad(out, wanted, grad, retain_graph=True, create_graph=torch.is_grad_enabled()))
+        return tuple(next(grads) if w else None for w in want) + (None, None)
+
+
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
     """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout, and whether it is a new tensor.
 
@@ -200,9 +233,8 @@ def _tiled(
     fused = (bias is None or not bias.requires_grad) and edge_weight is None and dropout_p == 0.0 and not return_attention
     if fused:  # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
         mask = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
-        o = F.scaled_dot_product_attention(
-            Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), attn_mask=mask, scale=scale
-        ).reshape(H * T, Qt, Dv)
+        o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), mask, scale)
+        o = o.reshape(H * T, Qt, Dv)
     else:
         Q = Q * scale
         if dense_bias is None:

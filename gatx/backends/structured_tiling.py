@@ -107,20 +107,34 @@ class RowGather:
 
 
 class _GatherRows(torch.autograd.Function):
+    """Rows of dim 1; its backward is :class:`_SumRows`, whose backward is this gather again, so
+    gradients of any order are exact (both maps are linear and each other's adjoint)."""
+
     @staticmethod
     def forward(ctx, x: Tensor, rows: RowGather) -> Tensor:
         ctx.rows = rows
         return x.index_select(1, rows.index)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
-        rows: RowGather = ctx.rows
+        return _SumRows.apply(grad, ctx.rows), None
+
+
+class _SumRows(torch.autograd.Function):
+    """The adjoint of :class:`_GatherRows`: rows summed into their source rows (gather + segment sum)."""
+
+    @staticmethod
+    def forward(ctx, grad: Tensor, rows: RowGather) -> Tensor:
+        ctx.rows = rows
         H, R = grad.shape[:2]
         g = grad.index_select(1, rows.perm).reshape(H, R, -1)  # (H, R, *) sorted by source row
         lengths = rows.lengths.expand(H, -1).contiguous()  # (H, n)
         out = torch.segment_reduce(g, "sum", lengths=lengths, axis=1, unsafe=True)  # (H, n, *)
-        return out.view(H, -1, *grad.shape[2:]), None
+        return out.view(H, -1, *grad.shape[2:])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _GatherRows.apply(grad, ctx.rows), None
 
 
 @dataclass(frozen=True, eq=False)
