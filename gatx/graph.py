@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ._graph_checks import as_count as _as_count
 from ._graph_checks import as_index as _as_index
-from ._graph_checks import checked_grouping
+from ._graph_checks import checked_grouping, is_sorted, stable_order
 from ._graph_checks import structure_edges as _structure_edges
 from ._graph_checks import tensors_of as _tensors_of
 
@@ -306,6 +306,12 @@ class Graph:
             self._dgl = g = None
         return g
 
+    def _dgl_graph_with(self, fmt: str) -> Any:
+        """The wrapped DGL graph when it has already built the sparse format ``fmt`` (so reading it
+        is cheaper than sorting here; asking DGL to build one costs more than the sort), else None."""
+        g = self._dgl_graph()
+        return g if g is not None and fmt in g.formats()["created"] else None
+
     def to_dgl(self) -> Any:
         """This graph as a ``dgl.DGLGraph`` (a block when bipartite or ``is_block``); edge ids kept."""
         self._verify("edges")
@@ -385,13 +391,16 @@ class Graph:
     def csr(self) -> CSR:
         """Edges grouped by dst (cached): see :class:`CSR`."""
         self._verify("edges")
-        if self._csr is None and self._dgl_graph() is not None:  # a wrapped DGL graph caches its own CSC: no sort
-            self._csr = checked_grouping(self._dgl.adj_tensors("csc"), self._src, self._dst, self._num_dst, CSR)
         if self._csr is None:
-            perm = torch.argsort(self._dst, stable=True)
             indptr = torch.zeros(self._num_dst + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(self.in_degrees(), 0, out=indptr[1:])
-            self._csr = CSR(indptr, perm, self._src[perm])
+            if is_sorted(self._dst):  # e.g. a DGL sampling block: edges come grouped by dst, no sort
+                self._csr = CSR(indptr, torch.arange(self.num_edges, device=self.device), self._src)
+        if self._csr is None and self._dgl_graph_with("csc") is not None:  # DGL already holds it: no sort
+            self._csr = checked_grouping(self._dgl.adj_tensors("csc"), self._src, self._dst, self._num_dst, CSR)
+        if self._csr is None:
+            perm = stable_order(self._dst, self._num_dst)
+            self._csr = CSR(indptr, perm, self._src.index_select(0, perm))
         if "csr" not in self._guards or self._guards["csr"][0][1] is not self._csr.indptr:
             self._guard("csr", [(f"csr().{f}", t) for f, t in zip(CSR._fields, self._csr)])
         self._verify("csr")
@@ -400,13 +409,13 @@ class Graph:
     def csc(self) -> CSC:
         """Edges grouped by src (cached): see :class:`CSC`."""
         self._verify("edges")
-        if self._csc is None and self._dgl_graph() is not None:  # DGL's "csr" groups by source
+        if self._csc is None and self._dgl_graph_with("csr") is not None:  # DGL's "csr" groups by source
             self._csc = checked_grouping(self._dgl.adj_tensors("csr"), self._dst, self._src, self._num_src, CSC)
         if self._csc is None:
-            perm = torch.argsort(self._src, stable=True)
+            perm = stable_order(self._src, self._num_src)
             indptr = torch.zeros(self._num_src + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(torch.bincount(self._src, minlength=self._num_src), 0, out=indptr[1:])
-            self._csc = CSC(indptr, perm, self._dst[perm])
+            self._csc = CSC(indptr, perm, self._dst.index_select(0, perm))
         if "csc" not in self._guards or self._guards["csc"][0][1] is not self._csc.indptr:
             self._guard("csc", [(f"csc().{f}", t) for f, t in zip(CSC._fields, self._csc)])
         self._verify("csc")
