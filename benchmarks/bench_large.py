@@ -125,6 +125,7 @@ def sampled_row(ex, args, data, g, impl: str) -> dict:
         "batches": args.batches, "sample_share": sample_s / wall, "compute_s_per_batch": statistics.median(t[1] for t in timings),
         "sample_s_per_batch": statistics.median(t[0] for t in timings), "edges_per_batch": statistics.median(t[2] for t in timings),
         "peak_mem_mib": mem.mib, "mem_method": mem.method, "load_avg_1min": load_average(),
+        "compute_s": [round(t[1], 3) for t in timings], "sample_s": [round(t[0], 3) for t in timings],
     }
 
 
