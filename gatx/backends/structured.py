@@ -185,18 +185,11 @@ def _per_edge(
     edge_weight: Tensor | None, dropout_p: float, return_attention: bool,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The same attention edge by edge on the torch backend's kernels (no dense tiles, nothing shared)."""
+    from ..ops.attention import compose
     from . import torch as reference
 
-    s = reference.dot_score(graph, q, k) * scale  # (E, H)
-    if bias is not None:
-        s = s + bias
-    a = reference.edge_softmax(graph, s.contiguous())  # (E, H); all -inf rows give 0
-    if dropout_p > 0.0:
-        a = F.dropout(a, dropout_p, training=True)
-    if edge_weight is not None:
-        a = a * (edge_weight.unsqueeze(-1) if edge_weight.dim() == 1 else edge_weight)
-    out = reference.aggregate(graph, a, v)  # (N, H, Dv)
-    return (out, a) if return_attention else out
+    return compose(reference, graph, q, k, v, score="dot", logits=None, scale=scale, bias=bias, negative_slope=0.0,
+                   edge_weight=edge_weight, dropout_p=dropout_p, return_attention=return_attention)
 
 
 def _tiled(

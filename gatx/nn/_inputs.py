@@ -43,6 +43,19 @@ def check_prob(p: Any, name: str) -> float:
     return float(p)
 
 
+def store_layer_args(layer: Any, in_feats: Any, out_feats: Any, num_heads: Any, feat_drop: Any, attn_drop: Any,
+                     allow_zero_in_degree: bool, edge_feats: Any, backend: str | None) -> tuple[int, int, int | None, float, float]:
+    """Validate the arguments GATConv and GATv2Conv share and store them under DGL's attribute names;
+    returns ``(num_heads, out_feats, edge_feats, feat_drop, attn_drop)`` checked."""
+    layer._in_src_feats, layer._in_dst_feats = check_in_feats(in_feats)
+    layer._num_heads = num_heads = check_width(num_heads, "num_heads")
+    layer._out_feats = out_feats = check_width(out_feats, "out_feats")
+    layer._edge_feats = edge_feats = check_width(edge_feats, "edge_feats") if edge_feats is not None else None
+    layer._allow_zero_in_degree = allow_zero_in_degree
+    layer.backend = backend
+    return num_heads, out_feats, edge_feats, check_prob(feat_drop, "feat_drop"), check_prob(attn_drop, "attn_drop")
+
+
 def check_feat(x: Any, width: int, rows: int | None, name: str, param: Tensor) -> None:
     """(N, *, width) dense, or (N, width) sparse COO / CSR; floating, with the parameters' dtype and device."""
     if not isinstance(x, Tensor):

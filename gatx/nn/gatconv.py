@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._inputs import (
-    check_edge_feat, check_in_feats, check_prob, check_width, check_zero_in_degree, fold, layer_inputs,
+    check_edge_feat, check_prob, check_zero_in_degree, fold, layer_inputs, store_layer_args,
 )
 from ._utils import dropout, flat, head_blocks, head_dropout_linear, is_sparse, linear, scored_projection
 
@@ -106,16 +106,10 @@ class GATConv(nn.Module):
         value_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self._in_src_feats, self._in_dst_feats = check_in_feats(in_feats)
-        self._num_heads = num_heads = check_width(num_heads, "num_heads")
-        self._out_feats = out_feats = check_width(out_feats, "out_feats")
-        if edge_feats is not None:
-            edge_feats = check_width(edge_feats, "edge_feats")
-        feat_drop, attn_drop = check_prob(feat_drop, "feat_drop"), check_prob(attn_drop, "attn_drop")
-        self._allow_zero_in_degree = allow_zero_in_degree
+        num_heads, out_feats, edge_feats, feat_drop, attn_drop = store_layer_args(
+            self, in_feats, out_feats, num_heads, feat_drop, attn_drop, allow_zero_in_degree, edge_feats, backend
+        )
         self._negative_slope = negative_slope
-        self._edge_feats = edge_feats
-        self.backend = backend
         self.head_feat_drop = head_feat_drop
         self.value_drop = check_prob(value_drop, "value_drop")
         hd = out_feats * num_heads

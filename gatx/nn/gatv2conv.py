@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ._inputs import (
-    check_edge_feat, check_in_feats, check_prob, check_width, check_zero_in_degree, fold, layer_inputs,
+    check_edge_feat, check_zero_in_degree, fold, layer_inputs, store_layer_args,
 )
 from ._utils import flat, linear
 
@@ -72,15 +72,9 @@ class GATv2Conv(nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        self._in_src_feats, self._in_dst_feats = check_in_feats(in_feats)
-        self._num_heads = num_heads = check_width(num_heads, "num_heads")
-        self._out_feats = out_feats = check_width(out_feats, "out_feats")
-        if edge_feats is not None:
-            edge_feats = check_width(edge_feats, "edge_feats")
-        feat_drop, attn_drop = check_prob(feat_drop, "feat_drop"), check_prob(attn_drop, "attn_drop")
-        self._allow_zero_in_degree = allow_zero_in_degree
-        self._edge_feats = edge_feats
-        self.backend = backend
+        num_heads, out_feats, edge_feats, feat_drop, attn_drop = store_layer_args(
+            self, in_feats, out_feats, num_heads, feat_drop, attn_drop, allow_zero_in_degree, edge_feats, backend
+        )
         hd = out_feats * num_heads
         self.fc_src = nn.Linear(self._in_src_feats, hd, bias=bias)
         if share_weights and not isinstance(in_feats, tuple):
