@@ -29,6 +29,7 @@ floating inputs; ``H * max(Dk, Dv)`` at most 4096 after rounding each up to a po
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -64,6 +65,13 @@ def interpreted() -> bool:
     return mod.INTERPRETED if mod is not None else _env_interpret()
 
 
+@functools.lru_cache(maxsize=1)
+def _installed() -> bool:
+    """Whether triton can be imported (looked up once: a search of sys.path on every call costs as much
+    as a small attention call)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -74,12 +82,12 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     out = []
     if op and op != "sparse_attention":
         out.append(f"the triton backend runs only sparse_attention, not {op}")
-    if importlib.util.find_spec("triton") is None:
+    if not _installed():
         return out + ["triton is not installed (pip install 'gatx[triton]')"]
     interp = interpreted()
-    if graph.device.type != "cuda" and not interp:
-        out.append(f"the triton backend runs on cuda tensors, got {graph.device} (set TRITON_INTERPRET=1 before "
-                   "importing triton to run its kernels in Triton's CPU interpreter)")
+    if graph.device.type != "cuda" and not interp:  # the common case on CPU: say so and stop (hot path)
+        return out + [f"the triton backend runs on cuda tensors, got {graph.device} (set TRITON_INTERPRET=1 "
+                      "before importing triton to run its kernels in Triton's CPU interpreter)"]
     present = [t for t in tensors if t is not None]
     if any(not t.is_floating_point() for t in present):
         out.append("the triton backend needs floating-point inputs (edge_weight included)")
