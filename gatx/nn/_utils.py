@@ -245,6 +245,10 @@ class _ScoredProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None):
         x, weight, attn_l, attn_r, feat = ctx.saved_tensors
+        # under torch.autocast the forward ran in feat's dtype (e.g. bfloat16 from float32 x and weight):
+        # compute the gradients in it too (autograd casts each back to its input's dtype)
+        x, weight, attn_l, attn_r = (t.to(feat.dtype) for t in (x, weight, attn_l, attn_r))
+        g_feat, g_el, g_er = (g.to(feat.dtype) if g is not None else None for g in (g_feat, g_el, g_er))
         n, H = ctx.n_dst, attn_l.shape[1]
         need_x, need_w, need_l, need_r = ctx.needs_input_grad[:4]
         terms = [(g, a, rows) for g, a, rows in ((g_el, attn_l, None), (g_er, attn_r, n)) if g is not None]

@@ -9,6 +9,7 @@ import math
 from types import ModuleType
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -25,6 +26,17 @@ def _pick(backend: str | None, heads: int) -> str | None:
     if backend is not None:
         backend_module(backend)  # a bad name is refused even then
     return "torch" if heads == 0 else backend
+
+
+def _autocast(graph: Graph, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` for the graph's device, the floating inputs other than float64 cast to
+    autocast's dtype (the rule autocast applies to matmul and attention), e.g. a float32 bias or
+    attention vector meeting bfloat16 projections; outside autocast the tensors as given."""
+    dev = graph.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 def _node_terms(graph: Graph, t: Any, name: str, side: str) -> Tensor:
@@ -55,6 +67,7 @@ def gat_score(graph: Graph, el: Tensor, er: Tensor, edge_score: Tensor | None = 
         edge_score = C.check_tensor(edge_score, "edge_score", graph, f"(E, H, ...) = {want}")
         if tuple(edge_score.shape) != want:
             raise ValueError(f"edge_score must have shape (E, H, ...) = {want}, got {tuple(edge_score.shape)}")
+    el, er, edge_score = _autocast(graph, el, er, edge_score)
     C.same_dtype(el=el, er=er, edge_score=edge_score)
     out = select(_pick(backend, el.shape[1]), graph, el, er, op="gat_score").gat_score(graph, el, er)
     return out + edge_score if edge_score is not None else out
@@ -69,6 +82,7 @@ def dot_score(graph: Graph, q: Tensor, k: Tensor, *, backend: str | None = None)
     C.check_rows(k, "k", graph.num_src, "num_src", (3,), "(num_src, H, D)")
     if q.shape[1:] != k.shape[1:]:
         raise ValueError(f"q and k must have the same (H, D), got {tuple(q.shape[1:])} and {tuple(k.shape[1:])}")
+    q, k = _autocast(graph, q, k)
     C.same_dtype(q=q, k=k)
     return select(_pick(backend, q.shape[1]), graph, q, k, op="dot_score").dot_score(graph, q, k)
 
@@ -99,6 +113,7 @@ def aggregate(graph: Graph, attn: Tensor, v: Tensor, *, backend: str | None = No
     attn = C.squeeze_dgl(attn, "attn", graph.num_edges, "E", "(E, H)")
     C.check_rows(v, "v", graph.num_src, "num_src", (3,), "(num_src, H, D)")
     C.same_heads(attn, v, "attn", "v")
+    attn, v = _autocast(graph, attn, v)
     C.same_dtype(v=v, attn=attn)
     return select(_pick(backend, v.shape[1]), graph, attn, v, op="aggregate").aggregate(graph, attn, v)
 
@@ -147,7 +162,8 @@ def sparse_attention(
         dropout_p: dropout on the attention, a probability in [0, 1] (applied only if ``training``).
 
     All floating inputs of one call must share one dtype (a mix raises a ValueError saying which
-    tensor to cast), and every shape is checked here, for every backend. With H = 0 (an empty
+    tensor to cast; under ``torch.autocast`` all but float64 ones are first cast to autocast's dtype),
+    and every shape is checked here, for every backend. With H = 0 (an empty
     batch folded into the heads) the result is empty and comes from the torch backend.
 
     Returns: (num_dst, H, Dv) outputs, and the (E, H) attention if ``return_attention``.
@@ -199,6 +215,7 @@ def sparse_attention(
         bias = C.per_edge(bias, "bias", graph, H, flat_is="column")  # (E, H) or (E, 1)
     if edge_weight is not None:
         edge_weight = C.per_edge(edge_weight, "edge_weight", graph, H, flat_is="weight")
+    q, k, v, logits, bias, edge_weight = _autocast(graph, q, k, v, logits, bias, edge_weight)
     C.same_dtype(v=v, q=q, k=k, logits=logits, bias=bias, edge_weight=edge_weight)
     negative_slope = C.real(negative_slope, "negative_slope")
     dropout_p = C.real(dropout_p, "dropout_p", lo=0.0, hi=1.0)
