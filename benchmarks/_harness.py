@@ -197,6 +197,57 @@ def measure(fn: Callable[[], Any], device: str, warmup: int, reps: int, budget_s
     }
 
 
+# ---------------------------------------------------------------------------------- roofline
+COPY_MIB = 256  # the copied tensor: larger than the last-level caches of the machines we run on
+
+
+def copy_bandwidth(device: str, mib: int = COPY_MIB, reps: int = 5) -> float:
+    """The machine's copy bandwidth in GB/s (1e9 bytes/s): ``dst.copy_(src)`` of a ``mib`` MiB float32
+    tensor with the current thread count, counting the bytes read plus the bytes written; median of
+    ``reps`` copies after one warm-up copy."""
+    import torch
+
+    src = torch.ones(mib * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = measure(lambda: dst.copy_(src), device, 1, reps, float("inf"))
+    return 2 * src.numel() * 4 / (timing["median_ms"] * 1e-3) / 1e9
+
+
+def gemm_rate(m: int, k: int, n: int, device: str, reps: int = 5) -> float:
+    """GFLOP/s of one float32 ``(m, k) @ (k, n)`` product (2mkn flops) with the current thread count:
+    the rate of the problem's own GEMM shape (small inner sizes run well below the CPU's peak)."""
+    import torch
+
+    a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)
+    out = torch.empty(m, n, device=device)
+    inner = max(1, int(2e8 // max(1, 2 * m * k * n)))  # products per timed call: small shapes are timed in bulk
+
+    def products() -> None:
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+
+    timing = measure(products, device, 2, reps, float("inf"))
+    return 2 * m * k * n * inner / (timing["median_ms"] * 1e-3) / 1e9
+
+
+def roofline(row: dict[str, Any], nbytes: float, flops: float, gbps: float, gflops: float) -> dict[str, Any]:
+    """Fields for a timed row: the model's minimum bytes and flops, the achieved rates and how far the
+    time is from the limit.
+
+    Model: ``limit = bytes / copy bandwidth + flops / GEMM rate`` (the gathers and the GEMMs run one
+    after the other, each at best at the machine's measured rate); ``x_of_limit = time / limit``
+    (1.0 would be at the limit). ``achieved_gbps`` and ``achieved_gflops`` are the model's bytes and
+    flops over the whole measured time.
+    """
+    limit_ms = 1e3 * (nbytes / (gbps * 1e9) + flops / (gflops * 1e9))
+    sec = row["median_ms"] * 1e-3
+    return {
+        "min_bytes": int(nbytes), "min_flops": int(flops), "copy_gbps": round(gbps, 2), "gemm_gflops": round(gflops, 2),
+        "achieved_gbps": round(nbytes / sec / 1e9, 3), "achieved_gflops": round(flops / sec / 1e9, 3),
+        "limit_ms": round(limit_ms, 3), "x_of_limit": round(row["median_ms"] / limit_ms, 3),
+    }
+
+
 # ---------------------------------------------------------------------------------- checks
 def max_diff(got: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float]:
     """(max abs difference, max abs difference / max abs reference) over the shared keys."""
@@ -270,10 +321,14 @@ def fmt_row(row: dict[str, Any]) -> str:
     if row["status"] != "ok":
         return f"  {row['system']:<22s} {row['mode']:<8s} {row['status']}: {row.get('reason', '')}"
     mem = row.get("peak_mem_mib")
-    return (
+    line = (
         f"  {row['system']:<22s} {row['mode']:<8s} {row['median_ms']:10.2f} ms  (min {row['min_ms']:.2f}, "
         f"{row['reps']} reps)  peak {mem:8.1f} MiB  max|diff| {row['max_abs_diff']:.2e}"
     )
+    if "x_of_limit" in row:
+        line += (f"  {row['achieved_gbps']:.1f} GB/s {row['achieved_gflops']:.1f} GFLOP/s = "
+                 f"{row['x_of_limit']:.2f}x of the limit ({row['limit_ms']:.1f} ms)")
+    return line
 
 
 def write_json(path: str | None, env: dict[str, Any], rows: list[dict[str, Any]]) -> None:
@@ -300,8 +355,12 @@ def fwd_bwd(forward: Callable[[], Any], gout: Any, params: list[Any]) -> Any:
 
 
 def check_and_time(row: dict[str, Any], build: Callable[[], tuple[Callable[[], Any], dict[str, Any]]],
-                   ref: dict[str, Any], gout: Any, args: Any) -> list[dict[str, Any]]:
+                   ref: dict[str, Any], gout: Any, args: Any, model: dict[str, tuple[float, float]] | None = None,
+                   rates: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Rows ``fwd`` and ``fwd+bwd`` for one system: checked against ``ref`` first, then timed.
+
+    With ``model`` ({mode: (minimum bytes, flops)}) and ``rates`` ((copy GB/s, GEMM GFLOP/s) measured
+    in this run), each timed row also gets the :func:`roofline` fields.
 
     ``build()`` returns ``(forward, named)``: ``forward()`` gives the output in the reference's layout,
     ``named`` maps the reference's names to the tensors whose gradients are compared (parameters, and
@@ -342,5 +401,7 @@ def check_and_time(row: dict[str, Any], build: Callable[[], tuple[Callable[[], A
         with PeakMemory(args.device) as mem:
             timing = measure(call, args.device, args.warmup, args.reps, args.budget)
         rows.append(dict(row, mode=mode, status="ok", **timing, peak_mem_mib=mem.mib, mem_method=mem.method, **check))
+        if model is not None and rates is not None and mode in model:
+            rows[-1].update(roofline(rows[-1], *model[mode], *rates))
         log(fmt_row(rows[-1]))
     return rows

@@ -8,6 +8,17 @@ as a mismatch and not timed. ``fwd`` is timed under ``torch.no_grad()``; ``fwd+b
 and a backward of a fixed random output gradient into the layer's parameters (the input features do
 not require gradients, as in a first layer).
 
+Every timed row also shows how far it is from the machine's limit (``x_of_limit``), under this model
+(:func:`traffic`; float32, 64-byte cache lines, int64 indices):
+
+    limit = minimum bytes / copy bandwidth + projection flops / GEMM rate
+
+where the copy bandwidth (GB/s, a 256 MiB tensor copy, bytes read + written) and the GEMM rate
+(GFLOP/s of the case's own ``(N, F) @ (F, H*D)`` product) are measured at the start of the run with
+the same thread count. The minimum bytes are what any implementation of the layer must move: for
+each pass over the edges the gathered rows of the other endpoint (each rounded up to whole cache
+lines) and the index arrays, plus every node-sized tensor read or written once.
+
     python benchmarks/bench_gat.py --quick --json gat.json
     python benchmarks/bench_gat.py --sizes 10000,100000,300000 --in-feats 128 --no-cora
     python benchmarks/bench_gat.py --device cuda
@@ -20,8 +31,8 @@ import os
 import sys
 from typing import Any, Callable
 
-from _harness import (HelpFormatter, Skip, check_and_time, environment, fwd_bwd, log, progress, quiet_import_dgl,
-                      reexec_with_malloc_env, write_json)
+from _harness import (HelpFormatter, Skip, check_and_time, copy_bandwidth, environment, fwd_bwd, gemm_rate, log,
+                      progress, quiet_import_dgl, reexec_with_malloc_env, write_json)
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
 FULL_SIZES = [32, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
@@ -103,6 +114,40 @@ def cora_case(data_dir: str | None) -> dict[str, Any]:
     n = feat.shape[0]
     src, dst = clean_edges(ds.graph.src, ds.graph.dst, n)
     return {"case": "cora", "graph": "cora", "src": src, "dst": dst, "feat": feat.float().contiguous()}
+
+
+# ---------------------------------------------------------------------------------- roofline
+LINE, INDEX, FLOAT = 64, 8, 4  # cache line, index and value bytes
+
+
+def _lines(nbytes: int) -> int:
+    return -(-nbytes // LINE) * LINE
+
+
+def traffic(n: int, e: int, in_feats: int, heads: int = HEADS, out_feats: int = OUT_FEATS) -> dict[str, tuple[float, float]]:
+    """{mode: (minimum bytes, flops)} of one GAT layer on N nodes, E edges, F inputs, H heads of D.
+
+    fwd: the projection reads x (N F) and writes feat (N HD); the score terms read feat and write
+    el, er (N H each); the edge pass reads its CSR (indptr, one index per edge), gathers per edge the
+    source's value row (HD) and score term (H), reads er and writes out (N HD) and the row
+    statistics (N H). Flops: the projection, 2 N F HD.
+
+    fwd+bwd adds a second edge pass (the transposed graph's indices, and per edge the destination's
+    output-gradient row (HD), score term (H) and row statistics (2H) gathered), the dense reads of the
+    output gradient and the output (N HD each, for the per-row term of the softmax gradient), the
+    writes of the value, el and er gradients (N HD + 2 N H), and the weight gradient's GEMM (reads
+    the feature gradient (N HD) and x (N F); 2 N F HD more flops).
+    """
+    hd, s = heads * out_feats, FLOAT
+    index = (n + 1) * INDEX + e * INDEX
+    fwd = (n * in_feats * s + n * hd * s  # projection
+           + n * hd * s + 2 * n * heads * s  # el, er
+           + index + e * (_lines(hd * s) + _lines(heads * s)) + n * heads * s + n * hd * s + n * heads * s)
+    bwd = (index + e * (_lines(hd * s) + _lines(heads * s) + _lines(2 * heads * s))
+           + 2 * n * hd * s + n * hd * s + 2 * n * heads * s  # g and out read; dv, del, der written
+           + n * hd * s + n * in_feats * s)  # the weight gradient's GEMM
+    flops = 2.0 * n * in_feats * hd
+    return {"fwd": (float(fwd), flops), "fwd+bwd": (float(fwd + bwd), 2 * flops)}
 
 
 # ---------------------------------------------------------------------------------- systems
@@ -202,6 +247,7 @@ def systems() -> list[tuple[str, str, Builder]]:
 
 # ---------------------------------------------------------------------------------- running
 def run_case(case: dict[str, Any], args: argparse.Namespace, env: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of every system on one case, each with its distance to the limit (:func:`traffic`)."""
     import torch
 
     import gatx
@@ -225,9 +271,14 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, env: dict[str, Any]
     base = {"bench": "gat", "case": case["case"], "graph": case["graph"], "nodes": n, "edges": int(src.numel()),
             "in_feats": in_feats, "heads": HEADS, "out_feats": OUT_FEATS, "device": env["device"],
             "threads": env["threads"], "reference": "gatx[torch]"}
-    log(f"{case['case']}: N={n} E={src.numel()} in_feats={in_feats}")
+    model = traffic(n, int(src.numel()), in_feats)
+    rates = (env["copy_gbps"], gemm_rate(n, in_feats, HEADS * OUT_FEATS, dev))
+    log(f"{case['case']}: N={n} E={src.numel()} in_feats={in_feats}; limit = bytes / {rates[0]:.1f} GB/s + flops / "
+        f"{rates[1]:.1f} GFLOP/s: fwd {model['fwd'][0] / 1e6:.0f} MB + {model['fwd'][1] / 1e9:.2f} GFLOP, fwd+bwd "
+        f"{model['fwd+bwd'][0] / 1e6:.0f} MB + {model['fwd+bwd'][1] / 1e9:.2f} GFLOP")
     return [row for name, backend, build in systems()
-            for row in check_and_time(dict(base, system=name, backend=backend), lambda b=build: b(c), ref, gout, args)]
+            for row in check_and_time(dict(base, system=name, backend=backend), lambda b=build: b(c), ref, gout, args,
+                                      model=model, rates=rates)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         log("--device cuda was asked for but torch.cuda.is_available() is False")
         return 2
     env = environment(args.device)
+    env["copy_gbps"] = round(copy_bandwidth(args.device), 2)  # the roofline's bandwidth, measured in this run
     log(f"bench_gat on {env['device']}, {env['threads']} threads, torch {env['torch']}, dgl {env['dgl']}, "
         f"torch_geometric {env['torch_geometric']}")
     cases: list[Callable[[], dict[str, Any]]] = []
