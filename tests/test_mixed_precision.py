@@ -68,16 +68,18 @@ def check_against_reference(graph, dtype, score, backend, bias=None, D=8, H=2, s
         q, k = torch.randn(N_dst, H, generator=gen), torch.randn(N_src, H, generator=gen)
     v = torch.randn(N_src, H, D, generator=gen)
     g_out = torch.randn(N_dst, H, D, generator=gen)
-    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
-    b = bias.to(dtype).requires_grad_() if bias is not None else None
+    dev = graph.device
+    leaves = [t.to(dev, dtype).requires_grad_() for t in (q, k, v)]
+    b = bias.to(dev, dtype).requires_grad_() if bias is not None else None
     out = sparse_attention(graph, *leaves, score=score, bias=b, backend=backend)
     assert out.dtype == dtype
-    got = torch.autograd.grad(out, leaves + ([b] if b is not None else []), g_out.to(dtype))
-    ref_in = [t.detach().double().requires_grad_() for t in leaves]
-    rb = b.detach().double().requires_grad_() if b is not None else None
-    ref = dense_reference(graph, *ref_in, rb, score)
+    got = torch.autograd.grad(out, leaves + ([b] if b is not None else []), g_out.to(dev, dtype))
+    got = tuple(t.cpu() for t in got)
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    rb = b.detach().cpu().double().requires_grad_() if b is not None else None
+    ref = dense_reference(graph.to("cpu"), *ref_in, rb, score)
     want = torch.autograd.grad(ref, ref_in + ([rb] if rb is not None else []), g_out.double())
-    for name, x, y in zip(("out", "dq", "dk", "dv", "dbias"), (out,) + got, (ref,) + want):
+    for name, x, y in zip(("out", "dq", "dk", "dv", "dbias"), (out.cpu(),) + got, (ref,) + want):
         assert x.dtype == dtype, f"{name} is {x.dtype}, expected {dtype}"
         err = rel_err(x, y)
         assert err < TOL[dtype], f"{backend} {dtype} {score}: {name} max rel err {err:.2e} >= {TOL[dtype]:.0e}"
@@ -123,8 +125,8 @@ def test_blocks_backend_half_matches_float64(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the triton backend runs half precision on CUDA only")
 @pytest.mark.parametrize("dtype", HALF)
 def test_triton_backend_half_matches_float64(dtype):  # pragma: no cover - needs a GPU
-    g = hub_graph().to("cuda") if hasattr(gatx.Graph, "to") else None
-    check_against_reference(g, dtype, "dot", "triton")
+    for score in ("dot", "additive"):
+        check_against_reference(hub_graph().to("cuda"), dtype, score, "triton")
 
 
 def test_backends_without_half_say_why_and_dispatch_falls_back(caplog, monkeypatch):
