@@ -183,6 +183,10 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
         from bench_vision_family import markdown_section
 
         out += markdown_section(rows)
+    if any(r.get("bench") == "compile" for r in rows):  # torch.compile vs eager
+        from bench_compile import markdown_section as compile_section
+
+        out += compile_section(rows)
     out += _checks_and_skips(rows)
     path.write_text("\n".join(out))
 

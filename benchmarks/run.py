@@ -1,10 +1,11 @@
-"""Run ``bench_gat.py`` and ``bench_vision.py`` and write JSON rows, a markdown table and PNG plots.
+"""Run ``bench_gat.py``, ``bench_vision.py`` and ``bench_compile.py``; write JSON rows, markdown tables and PNG plots.
 
     python benchmarks/run.py --quick                    # CPU, about 2-3 minutes on 2 cores
     python benchmarks/run.py                            # full sizes (CPU: tens of minutes)
     python benchmarks/run.py --quick --update-results   # rewrite the committed benchmarks/results/
     python benchmarks/run.py --device cuda --out-dir /tmp/bench-cuda
     python benchmarks/run.py --tiny --out-dir /tmp/b    # seconds: keeps the scripts working (tests)
+    python benchmarks/run.py --quick --only compile     # torch.compile vs eager only
 
 Writes ``results.json`` ({env, command, rows}), ``results.md``, ``gat.png`` and ``vision.png`` into
 ``--out-dir``; by default a fresh folder ``runs/benchmarks/<mode>-<time>/`` in the repository
@@ -46,9 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--update-results", action="store_true",
                        help=f"write into the committed {COMMITTED.relative_to(HERE.parent)}/ instead")
     p.add_argument("--data-dir", default=None, help="dataset root for Cora (default: the loader's default)")
-    p.add_argument("--only", choices=("gat", "vision"), default=None, help="run one benchmark (default: both)")
+    p.add_argument("--only", choices=("gat", "vision", "compile"), default=None, help="run one benchmark (default: all)")
     p.add_argument("--gat-args", default="", help="extra arguments for bench_gat.py, e.g. '--sizes 1000,10000'")
     p.add_argument("--vision-args", default="", help="extra arguments for bench_vision.py, e.g. '--kernels 7'")
+    p.add_argument("--compile-args", default="", help="extra arguments for bench_compile.py, e.g. '--map 112'")
     args = p.parse_args(argv)
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         p.error(f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
     t0 = time.perf_counter()
-    benches = [("gat", "bench_gat.py", args.gat_args), ("vision", "bench_vision.py", args.vision_args)]
+    benches = [("gat", "bench_gat.py", args.gat_args), ("vision", "bench_vision.py", args.vision_args),
+               ("compile", "bench_compile.py", args.compile_args)]
     benches = [b for b in benches if args.only in (None, b[0])]
     print(f"results go to {out_dir}", file=sys.stderr, flush=True)
     for i, (name, script, extra) in enumerate(benches, 1):
@@ -106,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         + ["python benchmarks/run.py"] + ([f"--{mode}"] if mode != "full" else [])
         + ([f"--device {args.device}"] if args.device != "cpu" else [])
         + ([f"--gat-args '{args.gat_args}'"] if args.gat_args else [])
-        + ([f"--vision-args '{args.vision_args}'"] if args.vision_args else []))
+        + ([f"--vision-args '{args.vision_args}'"] if args.vision_args else [])
+        + ([f"--compile-args '{args.compile_args}'"] if args.compile_args else []))
     env["load_avg_1min"] = load_start  # this run's start (the benchmark processes record their own)
     env["load_avg_1min_end"] = load_average()
     env.setdefault("cpu_count", os.cpu_count())

@@ -63,7 +63,8 @@ def test_outputs_written(tiny_run) -> None:
     assert "| graph | N | E |" in md and "gatx[torch]" in md and "pyg.GATConv" in md
     assert not list(tiny_run.glob("*.tmp")), "temporary per-benchmark files were left behind"
     # progress without a terminal: one plain line per case, each with an ETA
-    assert "[benchmark 2/2] bench_vision.py" in stderr and "[bench_vision map 2/2]" in stderr, stderr[-3000:]
+    assert "[benchmark 2/3] bench_vision.py" in stderr and "[bench_vision map 2/2]" in stderr, stderr[-3000:]
+    assert "[benchmark 3/3] bench_compile.py" in stderr and "[bench_compile case 2/2]" in stderr, stderr[-3000:]
     assert "[bench_gat case 2/" in stderr and "elapsed, ETA" in stderr
     assert f"to {tiny_run} in" in stderr
 
@@ -72,7 +73,9 @@ def test_every_timed_system_matched_gatx(tiny_run) -> None:
     data = json.loads((tiny_run[0] / "results.json").read_text())
     env, rows = data["env"], data["rows"]
     assert env["torch"] == torch.__version__ and env["threads"] >= 1 and env["device"] == "cpu"
-    assert {r["status"] for r in rows} <= {"ok", "skipped"}, [r for r in rows if r["status"] not in ("ok", "skipped")]
+    # a torch.compile that fails is a result of bench_compile ("failed", with the reason), never of the others
+    allowed = lambda r: {"ok", "failed"} if r["bench"] == "compile" and r["system"] != "eager" else {"ok", "skipped"}  # noqa: E731
+    assert all(r["status"] in allowed(r) for r in rows), [r for r in rows if r["status"] not in allowed(r)]
     ok = [r for r in rows if r["status"] == "ok"]
     for r in ok:
         assert r["max_rel_diff"] <= 1e-3, f"{r['system']} on {r['case']}: relative difference {r['max_rel_diff']:.2e}"
@@ -182,3 +185,58 @@ def test_progress_eta_by_weight(bench_modules, capsys, monkeypatch) -> None:
     monkeypatch.undo()
     err = capsys.readouterr().err
     assert seen == ["a", "b"] and "[case 1/2] 0:00 elapsed, ETA -" in err and "[case 2/2] 0:10 elapsed, ETA 0:30" in err, err
+
+
+def test_compile_bench_rows(tiny_run) -> None:
+    """bench_compile in the tiny run: per case an eager row and a compiled one (fullgraph, or the failure's
+    reason plus a fullgraph=False row), compiled values equal to eager, and the report's section."""
+    rows = [r for r in json.loads((tiny_run[0] / "results.json").read_text())["rows"] if r["bench"] == "compile"]
+    cases = {r["case"] for r in rows}
+    assert len(cases) == 2 and any(c.startswith("GATConv") for c in cases), cases
+    for case in cases:
+        got = {r["system"]: r for r in rows if r["case"] == case}
+        assert got["eager"]["status"] == "ok", got["eager"]
+        full = got["compile[fullgraph]"]
+        if full["status"] == "ok":
+            assert "compile[partial]" not in got and full["fullgraph"] is True
+            compiled = full
+        else:
+            assert full["status"] == "failed" and full["reason"], full
+            compiled = got["compile[partial]"]
+        if compiled["status"] == "ok":
+            assert compiled["compile_s"] > 0 and compiled["speedup_vs_eager"] > 0 and compiled["max_rel_diff"] <= 1e-3
+    md = (tiny_run[0] / "results.md").read_text()
+    assert "## torch.compile vs eager" in md and "fullgraph=False ms" in md
+
+
+def test_compile_failure_is_recorded(bench_modules, monkeypatch) -> None:
+    """A model that cannot compile with fullgraph=True gives a 'failed' row with the exception's first line,
+    then a separate fullgraph=False row that ran and matched eager (no crash)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_compile
+    finally:
+        sys.path.remove(str(BENCH))
+
+    class Breaks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            if int(y.sum() > 0):  # data-dependent Python control flow: a graph break
+                return y.relu()
+            return y
+
+    x = torch.randn(6, 4)
+    monkeypatch.setattr(bench_compile, "build_case", lambda name, args: (Breaks(), lambda m: m(x), {"case": "breaks"}))
+    args = bench_compile.parse_args(["--tiny", "--compiler", "eager"])
+    rows = {r["system"]: r for r in bench_compile.run_case("gat", args)}
+    assert rows["eager"]["status"] == "ok"
+    assert rows["compile[fullgraph]"]["status"] == "failed", rows["compile[fullgraph]"]
+    reason = rows["compile[fullgraph]"]["reason"]
+    assert "\n" not in reason and len(reason) > 10, reason
+    assert rows["compile[partial]"]["status"] == "ok" and rows["compile[partial]"]["max_rel_diff"] <= 1e-6
+    md = "\n".join(bench_compile.markdown_section(list(rows.values())))
+    assert "| breaks |" in md and "compile[fullgraph]: failed" in md
