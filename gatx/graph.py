@@ -15,6 +15,19 @@ from ._graph_checks import tensors_of as _tensors_of
 __all__ = ["Graph", "CSR", "CSC"]
 
 
+def _counts(ids: Tensor, n: int) -> Tensor:
+    """(n,) int64 occurrences of each id in [0, n): ``bincount`` eagerly; a fixed-size ``index_add``
+    while ``torch.compile`` traces (bincount's output size depends on the data)."""
+    if not torch.compiler.is_compiling():
+        return torch.bincount(ids, minlength=n)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+
+
+def _offsets(counts: Tensor) -> Tensor:
+    """(n + 1,) row offsets ``[0, cumsum(counts)]`` of (n,) int64 counts."""
+    return torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+
+
 class CSR(NamedTuple):
     """The graph's edges grouped by destination node.
 
@@ -175,10 +188,20 @@ class Graph:
 
     # ------------------------------------------------------------------ immutability
     def _guard(self, group: str, named: list[tuple[str, Tensor]]) -> None:
+        if torch.compiler.is_compiling():  # version counters are not traceable; see _verify
+            return
         self._guards[group] = tuple((name, t, t._version) for name, t in named)
 
     def _verify(self, group: str) -> None:
-        """Raise if a tensor of ``group`` was written in place since it was recorded (O(1) per tensor)."""
+        """Raise if a tensor of ``group`` was written in place since it was recorded (O(1) per tensor).
+
+        Skipped while ``torch.compile`` traces (a version counter is runtime state a compiled graph
+        cannot guard on): inside a compiled function an in-place write to a graph's tensors is not
+        detected here, but the fused kernel still bounds-checks its indices on every call, and the
+        next eager use of the graph raises.
+        """
+        if torch.compiler.is_compiling():
+            return
         for name, t, version in self._guards.get(group, ()):
             if t._version != version:
                 raise ValueError(
@@ -383,7 +406,7 @@ class Graph:
         """(num_dst,) number of incoming edges of each dst node."""
         self._verify("edges")
         if self._in_deg is None:
-            self._in_deg = torch.bincount(self._dst, minlength=self._num_dst)
+            self._in_deg = _counts(self._dst, self._num_dst)
             self._guard("in_deg", [("in_degrees()", self._in_deg)])
         self._verify("in_deg")
         return self._in_deg
@@ -391,9 +414,12 @@ class Graph:
     def csr(self) -> CSR:
         """Edges grouped by dst (cached): see :class:`CSR`."""
         self._verify("edges")
+        compiling = torch.compiler.is_compiling()
+        if self._csr is None and compiling:  # traced: no data-dependent shortcut (sorted check, DGL's copy)
+            perm = stable_order(self._dst, self._num_dst)
+            self._csr = CSR(_offsets(self.in_degrees()), perm, self._src.index_select(0, perm))
         if self._csr is None:
-            indptr = torch.zeros(self._num_dst + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(self.in_degrees(), 0, out=indptr[1:])
+            indptr = _offsets(self.in_degrees())
             if is_sorted(self._dst):  # e.g. a DGL sampling block: edges come grouped by dst, no sort
                 self._csr = CSR(indptr, torch.arange(self.num_edges, device=self.device), self._src)
         if self._csr is None and self._dgl_graph_with("csc") is not None:  # DGL already holds it: no sort
@@ -401,6 +427,8 @@ class Graph:
         if self._csr is None:
             perm = stable_order(self._dst, self._num_dst)
             self._csr = CSR(indptr, perm, self._src.index_select(0, perm))
+        if compiling:
+            return self._csr
         if "csr" not in self._guards or self._guards["csr"][0][1] is not self._csr.indptr:
             self._guard("csr", [(f"csr().{f}", t) for f, t in zip(CSR._fields, self._csr)])
         self._verify("csr")
@@ -409,13 +437,14 @@ class Graph:
     def csc(self) -> CSC:
         """Edges grouped by src (cached): see :class:`CSC`."""
         self._verify("edges")
-        if self._csc is None and self._dgl_graph_with("csr") is not None:  # DGL's "csr" groups by source
+        compiling = torch.compiler.is_compiling()
+        if self._csc is None and not compiling and self._dgl_graph_with("csr") is not None:  # DGL's "csr" groups by source
             self._csc = checked_grouping(self._dgl.adj_tensors("csr"), self._dst, self._src, self._num_src, CSC)
         if self._csc is None:
             perm = stable_order(self._src, self._num_src)
-            indptr = torch.zeros(self._num_src + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(torch.bincount(self._src, minlength=self._num_src), 0, out=indptr[1:])
-            self._csc = CSC(indptr, perm, self._dst.index_select(0, perm))
+            self._csc = CSC(_offsets(_counts(self._src, self._num_src)), perm, self._dst.index_select(0, perm))
+        if compiling:
+            return self._csc
         if "csc" not in self._guards or self._guards["csc"][0][1] is not self._csc.indptr:
             self._guard("csc", [(f"csc().{f}", t) for f, t in zip(CSC._fields, self._csc)])
         self._verify("csc")

@@ -133,10 +133,36 @@ def layer_inputs(
 
 
 def check_zero_in_degree(graph: Graph, allow: bool) -> None:
-    """Raise :class:`~gatx.nn.ZeroInDegreeError` (a ValueError, and a ``dgl.DGLError`` once DGL is imported)."""
+    """Raise :class:`~gatx.nn.ZeroInDegreeError` (a ValueError, and a ``dgl.DGLError`` once DGL is imported).
+
+    While ``torch.compile`` traces, the count cannot be read on the host: the check runs as the
+    custom op ``gatx::check_in_degrees``, which the compiled graph keeps (it has a side effect) and
+    which raises the same error when the compiled function runs.
+    """
     if allow or graph.num_dst == 0:
         return
-    missing = int((graph.in_degrees() == 0).sum())
+    if torch.compiler.is_compiling():
+        torch.ops.gatx.check_in_degrees(graph.in_degrees())
+        return
+    _raise_if_missing(graph.in_degrees())
+
+
+@torch.library.custom_op("gatx::check_in_degrees", mutates_args=())
+def _check_in_degrees(in_degrees: Tensor) -> None:
+    """Raise ZeroInDegreeError when an entry of the (num_dst,) in-degrees is 0 (a graph-layer check as an op)."""
+    _raise_if_missing(in_degrees)
+
+
+@_check_in_degrees.register_fake
+def _check_in_degrees_fake(in_degrees: Tensor) -> None:
+    return None
+
+
+torch.fx.node.has_side_effect(torch.ops.gatx.check_in_degrees.default)  # a check: never dead code
+
+
+def _raise_if_missing(in_degrees: Tensor) -> None:
+    missing = int((in_degrees == 0).sum())
     if missing:
         raise zero_in_degree_error(
             f"{missing} dst nodes have no incoming edge, so their output would be invalid; add "
