@@ -43,7 +43,7 @@ from .fused_build import GatxKernelCacheWarning, build, cache_dir
 
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
-_ABI = 3  # gatx_fused_abi_version() of the matching source
+_ABI = 4  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
 
 
@@ -61,7 +61,7 @@ def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
     fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
-                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
 
 
 def load() -> Any:
@@ -144,8 +144,17 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
           bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, keep_scale: float, scale: float,
           slope: float, stat: Tensor, *, g: Tensor | None = None, ga: Tensor | None = None,
           out: Tensor | None = None, attn: Tensor | None = None, dk: Tensor | None = None,
-          dw: Tensor | None = None) -> None:
-    """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows."""
+          dw: Tensor | None = None, o: Tensor | None = None, dq: Tensor | None = None) -> None:
+    """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows, 3 the
+    whole backward in one pass over src rows.
+
+    Pass 3 takes the CSC ``rows`` (as pass 2), the output gradient ``g`` and the forward's output ``o``
+    (no attention gradient ``ga``), and writes ``out`` = dv, ``dk``, ``dq``, ``attn`` = dbias and ``dw``
+    (each optional); it replaces passes 1 + 2 (their gather of v per edge goes: the row term of the
+    softmax gradient is ``<g, o>``), and overwrites ``stat``'s second half as pass 1 does."""
+    if which == 3 and (ga is not None or g is None or o is None):
+        raise ValueError("the single backward pass (which=3) needs g and the forward's output o, and no attention "
+                         "gradient ga; run passes 1 and 2 instead")
     lib = load()
     fn = lib.gatx_fused_f32 if v.dtype == torch.float32 else lib.gatx_fused_f64
     indptr, nbr, eid, n_other = rows
@@ -154,7 +163,7 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
             _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
             keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
-            torch.get_num_threads())
+            _ptr(o), _ptr(dq), torch.get_num_threads())
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")

@@ -82,7 +82,9 @@ struct Args {
   T* out;   // forward: (N_dst, H, Dv); pass A: dq or null; pass B: dv or null
   T* attn;  // forward: (E, H) or null; pass A: dbias or null
   T* dk;    // pass B: dk or null
-  T* dw;    // pass A: dw or null
+  T* dw;    // pass A and the single pass: dw or null
+  const T* o;  // the single pass: the forward's output (N_dst, H, Dv)
+  T* dq;       // the single pass: dq or null (additive (N_dst, H), dot (N_dst, H, Dk))
   int nthreads;
 };
 
@@ -400,29 +402,140 @@ void backward_src(const Args<T>& A) {
   }
 }
 
+// ---------------------------------------------------------------- the single backward pass (rows = src nodes)
+// Every gradient in one pass over the src rows, without the dst pass (and its gather of v per edge):
+// delta[i] = sum_e p c da = <g[i], o[i]> (o = the forward's output; no attention gradient ga), then per
+// edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (thread 0 writes dq itself)
+// and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
 template <typename T, bool DOT, int HC, int DC>
-void run3(int which, const Args<T>& A) {
+void backward_single(const Args<T>& A, int64_t n_dst) {
+  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
+  const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
+  // the per-thread dq buffers stay under 1 GiB: fewer threads for a huge graph
+  const int64_t per_thread = std::max<int64_t>(1, n_dst * kw * int64_t(sizeof(T)));
+  const int nt = A.dq ? static_cast<int>(std::min<int64_t>(A.nthreads, 1 + (int64_t(1) << 30) / per_thread))
+                      : A.nthreads;
+  T* dv = A.out;
+  T* dbias = A.attn;
+  T* dw = A.dw;
+  T* stat = A.stat;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t i = 0; i < n_dst; ++i)
+    head_dots<T, HC, DC>(A.g + i * H * Dv, A.o + i * H * Dv, stat + i * 2 * H + H, H, Dv);
+  // dq partial sums: thread t > 0 adds into its own (n_dst, kw) slice, thread 0 into dq
+  std::vector<T> extra(A.dq && nt > 1 ? (nt - 1) * n_dst * kw : 0);
+  if (A.dq) std::fill(A.dq, A.dq + n_dst * kw, T(0));
+  const int64_t chunk = chunk_for(A.n_rows, nt);
+#pragma omp parallel num_threads(nt)
+  {
+    const int tid = omp_get_thread_num();
+    T* __restrict dqt = !A.dq ? nullptr : tid == 0 ? A.dq : extra.data() + (tid - 1) * n_dst * kw;
+    std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
+    T* __restrict s = vec.data();
+    T* __restrict fac = s + H;
+    T* __restrict c = fac + H;
+    T* __restrict kd = c + H;
+    T* __restrict p = kd + H;
+    T* __restrict da = p + H;
+    T* __restrict dz = da + H;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t j = 0; j < A.n_rows; ++j) {
+      const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
+      const T* vj = A.v + j * H * Dv;
+      const T* kj = A.k + j * kw;
+      std::fill(accv.begin(), accv.end(), T(0));
+      std::fill(acck.begin(), acck.end(), T(0));
+      for (int64_t t = 0; t < deg; ++t) {
+        const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
+        if (p0 + t + kAhead < n_edges) {
+          const int64_t ia = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
+          prefetch_row(A.q + ia * kw, kw * sizeof(T));
+          prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
+          prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
+          if (dqt) prefetch_row(dqt + ia * kw, kw * sizeof(T));
+          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
+          if (A.keep) prefetch_row(A.keep + ea * H, H);
+          if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
+        }
+        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
+        edge_factor<T, HC>(A, e, c, kd);
+        const T* gi = A.g + i * H * Dv;
+        const T* lse_i = A.stat + i * 2 * H;
+        const T* delta_i = lse_i + H;
+        head_dots<T, HC, DC>(gi, vj, da, H, Dv);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          p[h] = fast_exp(s[h] - lse_i[h]);
+          dz[h] = p[h] * (c[h] * da[h] - delta_i[h]) * fac[h];
+        }
+        if (DOT) {
+          for (int64_t h = 0; h < H; ++h) {
+            if (A.dk) axpy<T, DC>(dz[h] * A.scale, A.q + (i * H + h) * Dk, acck.data() + h * Dk, Dk);
+            if (dqt) axpy<T, DC>(dz[h] * A.scale, kj + h * Dk, dqt + i * kw + h * Dk, Dk);
+          }
+        } else {
+          T* __restrict dqi = dqt ? dqt + i * kw : nullptr;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) acck[h] += dz[h];
+          if (dqi) {
+#pragma omp simd
+            for (int64_t h = 0; h < H; ++h) dqi[h] += dz[h];
+          }
+        }
+        if (dbias) std::copy(dz, dz + H, dbias + e * H);
+        if (dw) {
+          if (A.ew_heads) {
+            for (int64_t h = 0; h < H; ++h) dw[e * H + h] = p[h] * da[h] * kd[h];
+          } else {
+            T acc = 0;
+            for (int64_t h = 0; h < H; ++h) acc += p[h] * da[h] * kd[h];
+            dw[e] = acc;
+          }
+        }
+        if (dv) {
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) p[h] *= c[h];
+          head_axpy<T, HC, DC>(p, gi, accv.data(), H, Dv);
+        }
+      }
+      if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
+      if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * kw);
+    }
+  }
+  if (nt > 1 && A.dq) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t x = 0; x < n_dst * kw; ++x) {
+      T acc = A.dq[x];
+      for (int t = 1; t < nt; ++t) acc += extra[(t - 1) * n_dst * kw + x];
+      A.dq[x] = acc;
+    }
+  }
+}
+
+template <typename T, bool DOT, int HC, int DC>
+void run3(int which, const Args<T>& A, int64_t n_other) {
   if (which == 0) forward<T, DOT, HC, DC>(A);
   else if (which == 1) backward_dst<T, DOT, HC, DC>(A);
-  else backward_src<T, DOT, HC, DC>(A);
+  else if (which == 2) backward_src<T, DOT, HC, DC>(A);
+  else backward_single<T, DOT, HC, DC>(A, n_other);
 }
 
 // Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
 // vision and transformer models); everything else, and float64, runs the generic instantiation.
 // A specialised dot kernel takes its key width from DC too, so it needs Dk == Dv.
 template <typename T, bool DOT>
-void run(int which, const Args<T>& A) {
+void run(int which, const Args<T>& A, int64_t n_other) {
   if (std::is_same<T, float>::value && (!DOT || A.Dk == A.Dv)) {
-    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A);
+    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A, n_other);
     switch (A.Dv) {
-      case 8: return run3<T, DOT, 0, 8>(which, A);
-      case 16: return run3<T, DOT, 0, 16>(which, A);
-      case 32: return run3<T, DOT, 0, 32>(which, A);
-      case 64: return run3<T, DOT, 0, 64>(which, A);
+      case 8: return run3<T, DOT, 0, 8>(which, A, n_other);
+      case 16: return run3<T, DOT, 0, 16>(which, A, n_other);
+      case 32: return run3<T, DOT, 0, 32>(which, A, n_other);
+      case 64: return run3<T, DOT, 0, 64>(which, A, n_other);
       default: break;
     }
   }
-  run3<T, DOT, 0, 0>(which, A);
+  run3<T, DOT, 0, 0>(which, A, n_other);
 }
 
 // 0 when indptr (n_rows + 1) runs from 0 to n_edges without decreasing, nbr (n_edges) lies in
@@ -446,8 +559,10 @@ template <typename T>
 int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
-          const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {
-  if (which < 0 || which > 2 || H < 0 || Dk < 0 || Dv < 0) return 1;
+          const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq, int nthreads) {
+  if (which < 0 || which > 3 || H < 0 || Dk < 0 || Dv < 0) return 1;
+  // the single pass needs g, o and stat (unless they are empty), and no ga
+  if (which == 3 && (ga || ((!g || !o || !stat) && n_other * H * Dv > 0))) return 1;
   // small inputs run on one thread: waking a team costs more than it saves (and much more when the
   // cores are oversubscribed)
   const int64_t work = (n_rows + n_edges) * H * (Dv + Dk);
@@ -455,27 +570,29 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   if (check_indices(n_rows, n_other, n_edges, indptr, nbr, eid, threads) != 0) return 2;
   Args<T> A{n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, threads};
-  if (dot) run<T, true>(which, A);
-  else run<T, false>(which, A);
+            out, attn, dk, dw, o, dq, threads};
+  if (dot) run<T, true>(which, A, n_other);
+  else run<T, false>(which, A, n_other);
   return 0;
 }
 
 }  // namespace
 
-// which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows (see Args)
+// which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows, 3 the single
+// backward pass over src rows (see Args and backward_single)
 #define GATX_ENTRY(NAME, T)                                                                              \
   extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H,  \
                       int64_t Dk, int64_t Dv,                                                           \
                       const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* q,        \
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
-                      const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, int nthreads) {              \
+                      const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,           \
+                      int nthreads) {                                                                   \
     return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
-                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, nthreads);                \
+                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, nthreads);         \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 3; }
+extern "C" int gatx_fused_abi_version() { return 4; }
