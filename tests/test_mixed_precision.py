@@ -20,8 +20,9 @@ from gatx.ops import BackendUnavailable, select, sparse_attention
 from tests.conftest import dgl_or_none
 
 HALF = [torch.bfloat16, torch.float16]
-# max |err| / max |ref| allowed: a few roundings to the dtype (outputs and gradients)
-TOL = {torch.bfloat16: 2.5e-2, torch.float16: 4e-3}
+# max |err| / max |ref| allowed, outputs and gradients: 3 (bfloat16) / 4 (float16) unit roundoffs. Measured
+# with float32 accumulation: <= 9e-3 / 1.2e-3; the blocks backend summing its routes in bfloat16 gave 1.6e-2
+TOL = {torch.bfloat16: 1.2e-2, torch.float16: 2e-3}
 
 
 def hub_graph(n=24, e=160, hub=1500, seed=0):
@@ -82,7 +83,7 @@ def check_against_reference(graph, dtype, score, backend, bias=None, D=8, H=2, s
     for name, x, y in zip(("out", "dq", "dk", "dv", "dbias"), (out.cpu(),) + got, (ref,) + want):
         assert x.dtype == dtype, f"{name} is {x.dtype}, expected {dtype}"
         err = rel_err(x, y)
-        assert err < TOL[dtype], f"{backend} {dtype} {score}: {name} max rel err {err:.2e} >= {TOL[dtype]:.0e}"
+        assert err < TOL[dtype], f"{backend} {dtype} {score}: {name} max rel err {err:.2e} >= {TOL[dtype]:.1e}"
 
 
 @pytest.mark.parametrize("dtype", HALF)

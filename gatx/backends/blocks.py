@@ -163,8 +163,10 @@ def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: st
     (Y, X), n, idx = blocks.grid, blocks.n_win, blocks.idx
     B, R, topk = idx.shape
     sel = (idx + torch.arange(0, B * R, R, device=idx.device).view(B, 1, 1)).permute(2, 0, 1).reshape(topk, B * R)
-    qr, kr, vr = (_to_regions(t, B, Y, X, n) for t in (q, k, v))
+    # float16 / bfloat16: the online softmax's max, normaliser and sums (and the backward's) run in float32
+    acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
+    qr, kr, vr = (_to_regions(t, B, Y, X, n).to(acc) for t in (q, k, v))
     out = _RoutedAttention.apply(qr, kr, vr, sel, float(scale))  # (B*R, H, P, Dv)
     H, Dv = v.shape[1], v.shape[2]
     out = out.view(B, n, n, H, Y // n, X // n, Dv).permute(0, 1, 4, 2, 5, 3, 6)  # (B, n, h, n, w, H, Dv)
-    return out.reshape(B * Y * X, H, Dv)
+    return out.reshape(B * Y * X, H, Dv).to(v.dtype)
