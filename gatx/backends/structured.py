@@ -137,6 +137,11 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
     vals = vals.reshape(vals.shape[0], -1).t()  # (C, E)
     if tiling.edge_order:
         return vals, False
+    T, Qt, Kt = tiling.mask.shape
+    if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (strided copies when tiles are blocks)
+        rows = vals.contiguous().view(vals.shape[0], -1, Kt)
+        dense = tiling.blocks.to_blocks(rows) if tiling.blocks is not None else tiling.query_nodes(rows)
+        return dense.view(vals.shape[0], -1), True
     return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full), True
 
 
@@ -200,22 +205,14 @@ def _tiled(
     tl = tiling_of(graph)
     H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
     T, Qt, Kt = tl.mask.shape
-    n = len(tl.axes)
-    nts = [a.queries.shape[0] for a in tl.axes]
-    Ts = [a.queries.shape[1] for a in tl.axes]
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
-    if tl.identity:  # tiles are blocks of the grid: one permuting copy
-        interleaved = [s for pair in zip(nts, Ts) for s in pair]  # (nt_0, T_0, nt_1, T_1, ...)
-        to_tiles = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
-
-        def blocks(t: Tensor) -> Tensor:
-            return t.view(H, *interleaved, t.shape[-1]).permute(to_tiles).reshape(H * T, Qt, t.shape[-1])
-
-        Q = blocks(q)
+    blocks = tl.blocks
+    if blocks is not None:  # tiles are blocks of the (rolled) grid: strided copies, no gather
+        Q = blocks.to_blocks(q).view(H * T, Qt, D)
     else:
         Q = tl.query_nodes(q).view(H * T, Qt, D)
     if tl.keys_are_queries:
-        K, V = blocks(k), blocks(v)
+        K, V = blocks.to_blocks(k).view(H * T, Kt, D), blocks.to_blocks(v).view(H * T, Kt, Dv)
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
         V = tl.key_nodes(v).view(H * T, Kt, Dv)
@@ -247,9 +244,8 @@ def _tiled(
             w = _edges_to_dense(edge_weight.to(a.dtype), tl, 0.0)[0].reshape(-1, T, Qt, Kt)
             a = a * w.expand(H, -1, -1, -1).reshape(H * T, Qt, Kt)
         o = torch.bmm(a, V)  # (H*T, Qt, Dv)
-    if tl.identity:
-        to_grid = [0] + [j for i in range(n) for j in (1 + i, 1 + n + i)] + [2 * n + 1]
-        o = o.view(H, *nts, *Ts, Dv).permute(to_grid).reshape(H, -1, Dv)  # (H, N, Dv)
+    if blocks is not None:
+        o = blocks.from_blocks(o.view(H, T * Qt, Dv))  # (H, N, Dv)
     else:
         o = tl.owner(o.view(H, T * Qt, Dv))  # (H, N, Dv)
     out = o.transpose(0, 1)  # (N, H, Dv)

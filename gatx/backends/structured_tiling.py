@@ -3,18 +3,20 @@
 A :class:`Tiling` is the structured backend's contract (see :mod:`gatx.backends.structured` for the
 dense layout it describes): per grid axis an :class:`AxisTiling` (1-D tiles of query positions and
 their key halos), combined by :func:`grid_tiling` into the n-d tiling and the graph's edges.
-:class:`RowGather` is a row gather whose backward is a gather plus a segment sum. The
+:class:`RowGather` is a row gather whose backward is a gather plus a segment sum; :class:`BlockPlan`
+moves rows between the grid and tiles that are blocks of the (rolled) grid by strided copies. The
 :mod:`gatx.vision` builders make these once per graph (cached); memory is O(L) per axis.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["AxisTiling", "RowGather", "Tiling", "axis_tiling", "grid_tiling"]
+__all__ = ["AxisTiling", "BlockPlan", "RowGather", "Tiling", "axis_tiling", "grid_tiling"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,10 +25,14 @@ class AxisTiling:
 
     ``neighbors`` (L, C): the allowed key positions of each query position in increasing order, the
     first ``count`` (L,) valid (padding repeats the last). ``queries`` (nt, T) and ``halo`` (nt, K)
-    positions, both sorted (padding slots repeat a position; padded halo slots are never allowed).
+    positions (padding slots repeat a position; padded halo slots are never allowed); halos are
+    sorted, except that when every tile's halo is exactly its query set (windows), each halo lists
+    its tile's queries in query order, so keys are laid out like queries.
     ``tile_rank`` (nt, T, K): rank of each halo key among the query slot's allowed keys, -1 where not
     allowed. ``owner`` (L,): the flat slot in ``nt * T`` whose output is kept. ``slot`` (L, C): the
-    halo slot, in the owner's tile, of each of a query's keys. Memory is O(L), never (L, L).
+    halo slot, in the owner's tile, of each of a query's keys. ``rotation``: r when the query slots,
+    flattened, are the positions ``(arange(L) + r) % L`` (each position in one slot, tiles are blocks
+    of the axis rolled by -r, as Swin's shifted windows), else None. Memory is O(L), never (L, L).
     """
 
     neighbors: Tensor
@@ -36,15 +42,15 @@ class AxisTiling:
     tile_rank: Tensor
     owner: Tensor
     slot: Tensor
-    identity: bool  # every position sits in exactly one query slot, in position order: no gather needed
+    rotation: int | None
 
     @property
     def length(self) -> int:
         return self.neighbors.shape[0]
 
     def to(self, device: torch.device) -> "AxisTiling":
-        moved = [getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "identity"]
-        return AxisTiling(*moved, identity=self.identity)
+        moved = [getattr(self, f).to(device) for f in self.__dataclass_fields__ if f != "rotation"]
+        return AxisTiling(*moved, rotation=self.rotation)
 
 
 def axis_tiling(neighbors: Tensor, count: Tensor, tiles: list[list[int]]) -> AxisTiling:
@@ -65,21 +71,25 @@ def axis_tiling(neighbors: Tensor, count: Tensor, tiles: list[list[int]]) -> Axi
     K = max(h.numel() for h in halos)
     halo = torch.stack([torch.cat([h, h[-1:].expand(K - h.numel())]) for h in halos])  # (nt, K), still sorted
     halo_valid = torch.arange(K)[None, :] < torch.tensor([h.numel() for h in halos])[:, None]  # (nt, K)
+    flat = queries.reshape(-1)
+    r = int(flat[0]) if flat.numel() == L else 0
+    rotation = r if flat.numel() == L and torch.equal(flat, (torch.arange(L) + r) % L) else None
+    if rotation is not None and K == T and torch.equal(halo, queries.sort(1).values):
+        halo = queries.clone()  # each halo is its tile's query set: list it in query order (keys_are_queries)
     keys = neighbors[queries]  # (nt, T, C)
     probe = halo[:, None, :].expand(-1, T, -1).contiguous()  # (nt, T, K)
     pos = torch.searchsorted(keys, probe)  # first match: padding repeats come after the real entry
     hit = (keys.gather(2, pos.clamp(max=C - 1)) == probe) & (pos < count[queries][..., None]) & halo_valid[:, None, :]
     tile_rank = torch.where(hit, pos, -1)  # (nt, T, K)
-    flat = queries.reshape(-1)
     owner = torch.full((L,), flat.numel(), dtype=torch.int64).scatter_reduce_(0, flat, torch.arange(flat.numel()), "amin")
     if bool((owner == flat.numel()).any()):
         raise AssertionError("every position must sit in a tile")
-    own_halo = halo[owner // T]  # (L, K)
-    slot = torch.searchsorted(own_halo, neighbors).clamp(max=K - 1)  # (L, C)
-    if not bool(((own_halo.gather(1, slot) == neighbors) | ~valid).all()):
+    order = halo.argsort(dim=1, stable=True)[owner // T]  # (L, K): sorts the owner tile's halo
+    own_halo = halo[owner // T].gather(1, order)  # (L, K) sorted
+    slot = order.gather(1, torch.searchsorted(own_halo, neighbors).clamp(max=K - 1))  # (L, C)
+    if not bool(((halo[owner // T].gather(1, slot) == neighbors) | ~valid).all()):
         raise AssertionError("an owner tile's halo must hold its query's keys")
-    identity = queries.numel() == L and bool((flat == torch.arange(L)).all())
-    return AxisTiling(neighbors, count, queries, halo, tile_rank, owner, slot, identity)
+    return AxisTiling(neighbors, count, queries, halo, tile_rank, owner, slot, rotation)
 
 
 @dataclass(frozen=True, eq=False)
@@ -138,6 +148,100 @@ class _SumRows(torch.autograd.Function):
 
 
 @dataclass(frozen=True, eq=False)
+class BlockPlan:
+    """Grid rows <-> tiles that are blocks of the grid rolled by ``-rotation`` per axis, by strided copies.
+
+    For an (H, N, C) tensor with rows the grid nodes (row-major over ``shape``), :meth:`to_blocks`
+    gives (H, *nts, *Ts, C) (flattened to (H, T * Qt, C)): tile (t_0, ..) slot (j_0, ..) holds the node at ``(t_a * T_a + j_a +
+    r_a) % L_a`` per axis, i.e. Swin's roll, window partition in one copy (no index tensor, no roll);
+    :meth:`from_blocks` is the inverse. ``boxes`` per axis: (t0, t1, j0, j1, p0), tiles [t0, t1) x
+    slots [j0, j1) that read positions p0, p0 + 1, ... (row-major); at most 3 per axis.
+    """
+
+    shape: tuple[int, ...]
+    nts: tuple[int, ...]
+    Ts: tuple[int, ...]
+    boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
+
+    @classmethod
+    def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
+        boxes = []
+        for a in axes:
+            L, T, r = a.length, a.queries.shape[1], a.rotation
+            out, pieces = [], [(0, L - r, r)] + ([(L - r, L, 0)] if r else [])  # slot range, first position
+            for lo, hi, p0 in pieces:
+                p = lo
+                while p < hi:
+                    t, j = divmod(p, T)
+                    n = (hi - p) // T if j == 0 else 0
+                    end = p + n * T if n else min(hi, (t + 1) * T)
+                    out.append((t, t + max(n, 1), j, j + (end - p if not n else T), p0 + p - lo))
+                    p = end
+            boxes.append(tuple(out))
+        return cls(tuple(a.length for a in axes), tuple(a.queries.shape[0] for a in axes),
+                   tuple(a.queries.shape[1] for a in axes), tuple(boxes))
+
+    def _pairs(self, grid: Tensor, tiles: Tensor):
+        """(grid piece, tile piece) views of every box combination, the grid piece permuted to tile layout."""
+        n = len(self.shape)
+        to_tiles = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
+        H, C = grid.shape[0], grid.shape[-1]
+        for combo in itertools.product(*self.boxes):
+            dst = tiles[(slice(None),) + tuple(slice(b[0], b[1]) for b in combo) + tuple(slice(b[2], b[3]) for b in combo)]
+            sizes = [(b[1] - b[0], b[3] - b[2]) for b in combo]
+            src = grid[(slice(None),) + tuple(slice(b[4], b[4] + m * w) for b, (m, w) in zip(combo, sizes))]
+            yield src.view(H, *[s for pair in sizes for s in pair], C).permute(to_tiles), dst
+
+    def to_blocks(self, x: Tensor) -> Tensor:
+        """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order)."""
+        return _ToBlocks.apply(x, self)
+
+    def from_blocks(self, x: Tensor) -> Tensor:
+        """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks`."""
+        return _FromBlocks.apply(x, self)
+
+
+def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ts), C)  # returned as is: not a view
+    for src, dst in plan._pairs(x.view(H, *plan.shape, C), out.view(H, *plan.nts, *plan.Ts, C)):
+        dst.copy_(src)
+    return out
+
+
+def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.shape), C)
+    for src, dst in plan._pairs(out.view(H, *plan.shape, C), x.reshape(H, *plan.nts, *plan.Ts, C)):
+        src.copy_(dst)
+    return out
+
+
+class _ToBlocks(torch.autograd.Function):
+    """A permutation of rows: its backward is :class:`_FromBlocks` and vice versa (exact at any order)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
+        ctx.plan = plan
+        return _to_blocks(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _FromBlocks.apply(grad, ctx.plan), None
+
+
+class _FromBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
+        ctx.plan = plan
+        return _from_blocks(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _ToBlocks.apply(grad, ctx.plan), None
+
+
+@dataclass(frozen=True, eq=False)
 class Tiling:
     """A separable tiling of an n-d grid (see the module docstring); the kernel's contract.
 
@@ -145,10 +249,14 @@ class Tiling:
     edges to dense score positions and back. ``mask`` (T, Qt, Kt) float32 is 0 at the allowed
     (query slot, halo slot) pairs and -inf elsewhere. ``query_nodes`` (T*Qt rows) and ``key_nodes``
     (T*Kt rows) gather the node of each query / halo slot; ``owner`` (N rows) gathers, for each node,
-    the query slot whose output it keeps. ``keys_are_queries``: each tile's halo is its query block
-    (unshifted windows), so keys are laid out like queries, without a gather. ``full``: no dense
-    position is masked (``pos_edge < E``). ``edge_order``: the dense layout is the edge order
-    (``pos_edge`` is ``arange(E)``, e.g. one tile holding every query), so per-edge values need no gather.
+    the query slot whose output it keeps. ``blocks``: a :class:`BlockPlan` when every axis is a
+    rotation (tiles are blocks of the rolled grid: windows, or neighborhoods whose tiles divide the
+    sides), so queries need no gather; else None. ``keys_are_queries``: with ``blocks``, each tile's
+    halo is its query block in the same order ((shifted) windows), so keys are laid out like
+    queries. ``full``: no dense position is masked (``pos_edge < E``). ``edge_order``: the dense
+    layout is the edge order (``pos_edge`` is ``arange(E)``, e.g. one tile holding every query), so
+    per-edge values need no gather. ``edge_rows``: full, and each dense row (query slot) holds its
+    query's edges in edge order, so per-edge values, as (N, Kt) rows, move like queries.
     """
 
     axes: tuple[AxisTiling, ...]
@@ -158,9 +266,11 @@ class Tiling:
     query_nodes: RowGather
     key_nodes: RowGather
     owner: RowGather
+    blocks: BlockPlan | None
     keys_are_queries: bool
     full: bool
     edge_order: bool
+    edge_rows: bool
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -178,17 +288,13 @@ class Tiling:
     def device(self) -> torch.device:
         return self.edge_pos.device
 
-    @property
-    def identity(self) -> bool:
-        """Each node sits in one query slot and tiles are plain blocks of the grid (no query gather)."""
-        return all(a.identity for a in self.axes)
-
     def to(self, device: torch.device | str) -> "Tiling":
         device = torch.device(device)
         if device == self.device:
             return self
         moved = [getattr(self, f) for f in self.__dataclass_fields__]
-        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, bool) else m.to(device) for m in moved]
+        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, (bool, BlockPlan)) or m is None
+                 else m.to(device) for m in moved]
         return Tiling(*moved)
 
 
@@ -260,8 +366,11 @@ def grid_tiling(*axes: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
     owner = (tile * Qt + slot).reshape(-1)  # (N,)
     assert bool((query_nodes[owner] == torch.arange(N)).all()), "owners must be copies of their node"
     gathers = (RowGather.build(query_nodes, N), RowGather.build(key_nodes, N), RowGather.build(owner, query_nodes.numel()))
-    identity = all(a.identity for a in axes)
-    keys_are_queries = identity and torch.equal(key_nodes, query_nodes)
+    blocks = BlockPlan.build(tuple(axes)) if all(a.rotation is not None for a in axes) else None
+    keys_are_queries = blocks is not None and torch.equal(key_nodes, query_nodes)
     full = bool((pos_edge < E).all())
     edge_order = full and torch.equal(pos_edge, torch.arange(E))
-    return Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, keys_are_queries, full, edge_order), src, dst
+    rows = indptr[query_nodes][:, None] + torch.arange(Kt)  # (T*Qt, Kt): each slot's query's edges in order
+    edge_rows = full and bool((counts == Kt).all()) and torch.equal(pos_edge.view(-1, Kt), rows)
+    tiling = Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, blocks, keys_are_queries, full, edge_order, edge_rows)
+    return tiling, src, dst
