@@ -200,3 +200,32 @@ def test_autocast_through_layers(case):
     # bfloat16 projections: a few roundings of 2**-8 per value, compounded through two GEMMs
     assert err_out < 4e-2, f"{case}: autocast output max rel err {err_out:.2e}"
     assert err_grad < 8e-2, f"{case}: autocast parameter-gradient max rel err {err_grad:.2e}"
+
+
+@pytest.mark.parametrize("case", ["GATConv", "NeighborhoodAttention2d"])
+def test_autocast_under_torch_compile(case):
+    """torch.compile(fullgraph=True) of a layer run under autocast gives eager autocast's values (the
+    ops' autocast casts trace into the graph; aot_eager: no code generation, the same kernels)."""
+    torch.manual_seed(0)
+    if case == "GATConv":
+        g, x = hub_graph(n=40, e=300, hub=400), torch.randn(40, 16)
+        module = gatx.GATConv(16, 8, 4)
+        run = lambda m: m(g, x)  # noqa: E731
+    else:
+        x = torch.randn(2, 9, 9, 32)
+        module = vision.NeighborhoodAttention2d(32, 4, 5)
+        run = lambda m: m(x)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    outs, grads = [], []
+    for m in (module, compiled):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = run(m)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.float().pow(2).sum(), list(module.parameters())))
+    torch._dynamo.reset()
+    assert outs[1].dtype == outs[0].dtype
+    err = rel_err(outs[1], outs[0].double())
+    assert err < TOL[torch.bfloat16], f"compiled vs eager under autocast: output max rel err {err:.2e}"
+    err_g = max(rel_err(a, b.double()) for a, b in zip(grads[1], grads[0]))
+    assert err_g < 2 * TOL[torch.bfloat16], f"compiled vs eager under autocast: gradient max rel err {err_g:.2e}"
