@@ -21,7 +21,9 @@ the same edges. The mask (one byte per entry) is the only (E, H) tensor kept for
 Higher-order gradients (``torch.autograd.grad(..., create_graph=True)``, e.g. a gradient penalty):
 the backward then recomputes the forward as differentiable torch ops (same math, same dropout mask)
 and differentiates that, so second-order terms are exact, at the torch backend's cost for that step.
-Limits: no forward-mode AD, CPU float32 / float64 only.
+Limits: no forward-mode AD, CPU only. The kernel runs float32 and float64; float16 / bfloat16 inputs run
+in float32 copies (twice their bytes, kept for backward) and the results are cast back: measured on
+10k nodes / 110k edges, 8 heads x 8, fwd+bwd, 4x faster than the torch backend's half path.
 
 Why plain C++ through ctypes (measured on 100k nodes / 2.1M edges, 8 heads x 8, this 2-core box):
 the same forward written in numba (prange) ran 3.5x slower than this kernel and took ~9 s to JIT;
@@ -40,9 +42,11 @@ from torch import Tensor
 
 from ..graph import Graph
 from .fused_build import GatxKernelCacheWarning, build, cache_dir
+from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention custom ops (used while compiling)
 
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 _ABI = 4  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
 
@@ -94,6 +98,12 @@ def availability() -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
+def _traced_availability() -> str:
+    """:func:`availability` for torch.compile's tracer (run once at trace time, a constant; "" = available)."""
+    return availability() or ""
+
+
 def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) -> list[str]:
     """Why the fused backend cannot run this input (empty list: it can)."""
     out = []
@@ -105,8 +115,8 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     dtypes = {t.dtype for t in floats}
     if any(t is not None and not t.is_floating_point() for t in tensors):
         out.append("the fused backend needs floating-point inputs (edge_weight included)")
-    if dtypes - set(_DTYPES):
-        out.append(f"the fused backend supports float32 and float64, got {sorted(map(str, dtypes - set(_DTYPES)))}")
+    if dtypes - set(_DTYPES) - set(_HALF):
+        out.append(f"the fused backend supports float32, float64, float16 and bfloat16, got {sorted(map(str, dtypes - set(_DTYPES) - set(_HALF)))}")
     elif len(dtypes) > 1:
         out.append(f"the fused backend needs one dtype for all inputs, got {sorted(map(str, dtypes))}")
     if any(t is not None and (t.is_sparse or t.layout != torch.strided) for t in tensors):
@@ -130,8 +140,8 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     if ew is not None and ew.dim() == 2 and ew.shape[1] not in (1, heads):
         out.append(f"the fused backend needs edge_weight of shape (E,), (E, H) or (E, 1), got {tuple(ew.shape)}")
     if not out:
-        why = availability()
-        if why is not None:
+        why = _traced_availability() if torch.compiler.is_compiling() else availability()
+        if why:
             out.append(why)
     return out
 
@@ -170,19 +180,62 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     assert rc == 0, f"fused kernel returned {rc}"
 
 
+def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                 ew: Tensor | None, keep: Tensor | None, dot: bool, scale: float, slope: float, keep_scale: float,
+                 want_attn: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's forward over ``csr = (indptr, src, perm, num_src)``: (out (num_dst, H, Dv), the per-row
+    log-sum-exp ``stat`` (num_dst, 2, H) that backward reads, attn (E, H), or (0, H) unless ``want_attn``)."""
+    indptr, src = csr[0], csr[1]
+    H, Dv = v.shape[1], v.shape[2]
+    num_dst = indptr.numel() - 1
+    out = v.new_empty((num_dst, H, Dv))
+    stat = v.new_empty((num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
+    attn = v.new_empty((src.numel(), H) if want_attn else (0, H))
+    _call(0, dot, csr, q, k, v, bias, ew, keep, keep_scale, scale, slope, stat, out=out, attn=attn if want_attn else None)
+    return out, stat, attn
+
+
+def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, k: Tensor, v: Tensor,
+                  bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, stat: Tensor, g_out: Tensor | None,
+                  g_attn: Tensor | None, needs: tuple[bool, ...], dot: bool, scale: float, slope: float,
+                  keep_scale: float, fwd_out: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """First-order gradients (dq, dk, dv, dbias, dew), None where ``needs`` (five flags) is False.
+
+    One kernel pass over the dst rows (``csr``) for q, bias and edge_weight, one over the src rows for
+    k and v; ``csc`` is ``(indptr, dst, perm, num_dst)`` or a callable returning it (built only when
+    k or v need a gradient). Given the forward's output ``fwd_out`` and no attention gradient, one
+    pass over the src rows computes them all (pass 3 of :func:`_call`: ~0.65x the time of the two)."""
+    need_q, need_k, need_v, need_b, need_w = needs
+    num_dst = csr[0].numel() - 1
+    g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst,) + tuple(v.shape[1:]))
+    g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
+    args = (q, k, v, bias, ew, keep, keep_scale, scale, slope, stat)
+    dq = torch.empty_like(q) if need_q else None
+    db = torch.empty_like(bias) if need_b else None
+    dw = torch.empty_like(ew) if need_w else None
+    dk = dv = None
+    if fwd_out is not None and g_attn is None and (need_k or need_v):
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw)
+        return dq, dk, dv, db, dw
+    _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
+    if need_k or need_v:
+        dk = torch.empty_like(k) if need_k else None
+        dv = torch.empty_like(v) if need_v else None
+        _call(2, dot, csc() if callable(csc) else csc, *args, g=g_out, ga=g_attn, out=dv, dk=dk)
+    return dq, dk, dv, db, dw
+
+
 class _FusedAttention(torch.autograd.Function):
     """(out, attn) = fused sparse attention; saves the inputs and the per-row log-sum-exp only."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, ew, keep, graph, dot, scale, slope, keep_scale, want_attn):
         csr = graph.csr()
-        H, Dv = v.shape[1], v.shape[2]
-        out = v.new_empty((graph.num_dst, H, Dv))
-        stat = v.new_empty((graph.num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
-        attn = v.new_empty((graph.num_edges, H) if want_attn else (0, H))
-        _call(0, dot, (csr.indptr, csr.src, csr.perm, graph.num_src), q, k, v, bias, ew, keep, keep_scale, scale, slope, stat,
-              out=out, attn=attn if want_attn else None)
-        ctx.save_for_backward(q, k, v, bias, ew, keep, stat)
+        out, stat, attn = forward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), q, k, v, bias, ew, keep, dot,
+                                       scale, slope, keep_scale, want_attn)
+        ctx.save_for_backward(q, k, v, bias, ew, keep, stat, out)  # out: the single backward pass reads it
         ctx.graph, ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale = graph, dot, scale, slope, keep_scale
         ctx.set_materialize_grads(False)
         if not want_attn:
@@ -191,35 +244,31 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_attn):
-        q, k, v, bias, ew, keep, stat = ctx.saved_tensors
+        q, k, v, bias, ew, keep, stat, out = ctx.saved_tensors
         graph = ctx.graph
-        need_q, need_k, need_v, need_b, need_w = ctx.needs_input_grad[:5]
         if g_out is None and g_attn is None:
             return (None,) * 12
+        consts = (ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale)
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            return _recompute_backward(ctx, q, k, v, bias, ew, keep, g_out, g_attn) + (None,) * 7
-        g_out = g_out.contiguous() if g_out is not None else v.new_zeros((graph.num_dst,) + tuple(v.shape[1:]))
-        g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
-        args = (ctx.dot, q, k, v, bias, ew, keep, ctx.keep_scale, ctx.scale, ctx.slope, stat)
-        dq = torch.empty_like(q) if need_q else None
-        db = torch.empty_like(bias) if need_b else None
-        dw = torch.empty_like(ew) if need_w else None
-        dk = dv = None
+            return recompute_backward(graph.src, graph.dst, graph.num_dst, tuple(ctx.needs_input_grad[:5]), q, k, v,
+                                      bias, ew, keep, *consts, g_out, g_attn) + (None,) * 7
         csr = graph.csr()
-        _call(1, args[0], (csr.indptr, csr.src, csr.perm, graph.num_src), *args[1:], g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
-        if need_k or need_v:
-            csc = graph.csc()
-            dk = torch.empty_like(k) if need_k else None
-            dv = torch.empty_like(v) if need_v else None
-            _call(2, args[0], (csc.indptr, csc.dst, csc.perm, graph.num_dst), *args[1:], g=g_out, ga=g_attn, out=dv, dk=dk)
-        return dq, dk, dv, db, dw, None, None, None, None, None, None, None
+
+        def csc() -> tuple[Tensor, Tensor, Tensor, int]:
+            c = graph.csc()
+            return c.indptr, c.dst, c.perm, graph.num_dst
+
+        grads = backward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), csc, q, k, v, bias, ew, keep, stat, g_out,
+                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out)
+        return grads + (None,) * 7
 
 
-def _reference(graph: Graph, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ew: Tensor | None,
-               keep: Tensor | None, dot: bool, scale: float, slope: float, keep_scale: float) -> tuple[Tensor, Tensor]:
-    """The kernel's forward as differentiable torch ops (same math, same -inf row rule): (out, attn)."""
-    src, dst = graph.src, graph.dst
-    N, H = graph.num_dst, v.shape[1]
+def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+              ew: Tensor | None, keep: Tensor | None, dot: bool, scale: float, slope: float,
+              keep_scale: float) -> tuple[Tensor, Tensor]:
+    """The kernel's forward as differentiable torch ops (same math, same -inf row rule) over the (E,)
+    edges ``src -> dst`` in edge-id order: (out, attn)."""
+    N, H = num_dst, v.shape[1]
     if dot:
         s = (q.index_select(0, dst) * k.index_select(0, src)).sum(-1) * scale  # (E, H)
         s = s + bias if bias is not None else s
@@ -240,14 +289,15 @@ def _reference(graph: Graph, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | Non
     return out, a
 
 
-def _recompute_backward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ew: Tensor | None,
-                        keep: Tensor | None, g_out: Tensor | None, g_attn: Tensor | None) -> tuple:
-    """Gradients of (q, k, v, bias, ew) through :func:`_reference`, with a graph for higher orders."""
+def recompute_backward(src: Tensor, dst: Tensor, num_dst: int, needs: tuple[bool, ...], q: Tensor, k: Tensor,
+                       v: Tensor, bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, dot: bool, scale: float,
+                       slope: float, keep_scale: float, g_out: Tensor | None, g_attn: Tensor | None) -> tuple:
+    """Gradients of (q, k, v, bias, ew) through :func:`reference`, with a graph for higher orders."""
     # fresh aliases: a gradient with respect to them counts only the paths through this op, even when
     # the inputs depend on each other (GATConv's el, er and values all come from one projection)
     inputs = tuple(t.view_as(t) if t is not None else None for t in (q, k, v, bias, ew))
-    wanted = [i for i, need in enumerate(ctx.needs_input_grad[:5]) if need]
-    out, a = _reference(ctx.graph, *inputs, keep, ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale)
+    wanted = [i for i, need in enumerate(needs) if need]
+    out, a = reference(src, dst, num_dst, *inputs, keep, dot, scale, slope, keep_scale)
     outs, grads = [], []
     if g_out is not None:
         outs.append(out)
@@ -255,8 +305,10 @@ def _recompute_backward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, bias: Tensor 
     if g_attn is not None and g_attn.numel():
         outs.append(a)
         grads.append(g_attn)
-    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
     result: list[Tensor | None] = [None] * 5
+    if not outs or not wanted:
+        return tuple(result)
+    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
     for i, g in zip(wanted, got):
         result[i] = g if g is not None else torch.zeros_like(inputs[i])
     return tuple(result)
@@ -284,13 +336,42 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
         bias = given + bias if bias is not None else given
         q, k = v.new_zeros((graph.num_dst, H)), v.new_zeros((graph.num_src, H))
         score, scale, negative_slope = "additive", 1.0, 1.0
+    half = v.dtype if v.dtype in _HALF else None
+    if half is not None:  # the kernel's dtypes are float32 / float64: float32 copies in, results cast back
+        q, k, v, bias, edge_weight = (t.float() if t is not None else None for t in (q, k, v, bias, edge_weight))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     bias = bias.expand(E, H).contiguous() if bias is not None else None  # (E, H); (E, 1) broadcasts
     if edge_weight is not None and edge_weight.dim() == 2 and edge_weight.shape[1] == 1 and H != 1:
         edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads
     edge_weight = edge_weight.contiguous() if edge_weight is not None else None
+    if torch.compiler.is_compiling():
+        return _cast(half, _traced(graph, q, k, v, bias, edge_weight, keep, score == "dot", float(scale) if scale is not None else 1.0,
+                                   float(negative_slope), keep_scale, return_attention))
     out, attn = _FusedAttention.apply(
         q, k, v, bias, edge_weight, keep, graph, score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope),
         keep_scale, return_attention,
     )
-    return (out, attn) if return_attention else out
+    return _cast(half, (out, attn) if return_attention else out)
+
+
+def _cast(dtype: torch.dtype | None, res: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:
+    """``res`` (a tensor or a tuple of them) cast to ``dtype``; as it is when ``dtype`` is None."""
+    if dtype is None:
+        return res
+    return tuple(t.to(dtype) for t in res) if isinstance(res, tuple) else res.to(dtype)
+
+
+def _traced(graph: Graph, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ew: Tensor | None, keep: Tensor | None,
+            dot: bool, scale: float, slope: float, keep_scale: float, want_attn: bool) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused kernel through the ``gatx::fused_attention`` custom op (what torch.compile traces);
+    the graph's CSC is built (in the traced graph, cached on the Graph) only when a gradient is needed."""
+    csr = graph.csr()
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, ew)):
+        c = graph.csc()
+        csc = (c.indptr, c.dst, c.perm)
+    else:
+        csc = (csr.indptr.new_empty(0),) * 3
+    out, _, attn = torch.ops.gatx.fused_attention(
+        csr.indptr, csr.src, csr.perm, *csc, q, k, v, bias, ew, keep, graph.num_src, dot, scale, slope, keep_scale, want_attn,
+    )
+    return (out, attn) if want_attn else out
