@@ -128,6 +128,55 @@ class _FusedSDPA(torch.autograd.Function):
         return tuple(next(grads) if w else None for w in want) + (None, None)
 
 
+class _DenseAttention(torch.autograd.Function):
+    """softmax(scale * Q K^T + add) V over (H*T) tiles, with a hand-written backward that allocates less.
+
+    ``add`` (1 or H, T, Qt, Kt) is the additive term (dense bias, -inf outside each query's keys).
+    The forward takes one (H*T, Qt, Kt) buffer: scores, then the softmax in place. The first-order
+    backward takes one more: dA = dO V^T, turned into the score gradient in place (softmax backward);
+    that is also the gradient of ``add`` (summed over heads when it is shared). No autograd graph of
+    score-sized temporaries, no CopySlices. A backward that builds a graph (``create_graph=True``)
+    recomputes the attention written out from the saved inputs and differentiates that.
+    """
+
+    @staticmethod
+    def forward(ctx, Q: Tensor, K: Tensor, V: Tensor, add: Tensor, scale: float) -> Tensor:
+        HT, Qt, _ = Q.shape
+        H, Kt = HT // add.shape[1], K.shape[1]
+        s = torch.bmm(Q, K.transpose(1, 2))  # (H*T, Qt, Kt)
+        s4 = s.view(H, -1, Qt, Kt)
+        torch.add(add, s4, alpha=scale, out=s4)  # scale * q.k + bias, in place
+        torch._softmax(s, -1, False, out=s)  # the attention, in place
+        ctx.save_for_backward(Q, K, V, add, s)
+        ctx.scale = scale
+        return torch.bmm(s, V)  # (H*T, Qt, Dv)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        Q, K, V, add, a = ctx.saved_tensors
+        scale, want = ctx.scale, ctx.needs_input_grad
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            H = Q.shape[0] // add.shape[1]
+            s = torch.bmm(Q * scale, K.transpose(1, 2)).view(H, *add.shape[1:]) + add
+            out = torch.bmm(torch.softmax(s, -1).view_as(a), V)
+            inputs = [Q, K, V, add]
+            wanted = [t for t, w in zip(inputs, want) if w]
+            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
+            return tuple(next(grads) if w else None for w in want[:4]) + (None,)
+        grad = grad.contiguous()
+        gV = torch.bmm(a.transpose(1, 2), grad) if want[2] else None  # (H*T, Kt, Dv)
+        ds = torch.bmm(grad, V.transpose(1, 2))  # (H*T, Qt, Kt): dA
+        torch._softmax_backward_data(ds, a, -1, a.dtype, grad_input=ds)  # dS, in place
+        gQ = torch.bmm(ds, K).mul_(scale) if want[0] else None
+        gK = torch.bmm(ds.transpose(1, 2), Q).mul_(scale) if want[1] else None
+        gadd = None
+        if want[3]:
+            gadd = ds.view(-1, *add.shape[1:])
+            if add.shape[0] != gadd.shape[0]:
+                gadd = gadd.sum(0, keepdim=True)
+        return gQ, gK, gV, gadd, None
+
+
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
     """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout, and whether it is a new tensor.
 
@@ -225,6 +274,9 @@ def _tiled(
         mask = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
         o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), mask, scale)
         o = o.reshape(H * T, Qt, Dv)
+    elif edge_weight is None and dropout_p == 0.0 and not return_attention:  # bias with gradient: the dense core
+        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
+        o = _DenseAttention.apply(Q, K, V, add, scale)  # (H*T, Qt, Dv)
     else:
         Q = Q * scale
         if dense_bias is None:
