@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -72,7 +73,7 @@ class GridStructure:
     @property
     def table_size(self) -> int:
         """Rows of the relative position bias table: ``prod(2 * size - 1)``."""
-        return math.prod(2 * s - 1 for s in self.size)
+        return math.prod([2 * s - 1 for s in self.size])  # a list: Dynamo traces no generator here
 
     def relative_position_bias(self, table: Tensor, batch: int = 1) -> Tensor:
         """Per-edge bias (E, batch * H) from a ``(table_size, H)`` table, repeated over a batch.
@@ -158,6 +159,70 @@ def _bind(fn: str, shape: Any, args: tuple, named: dict[str, Any]) -> tuple[tupl
 
 def _device_key(device: torch.device | str | None) -> str:
     return str(torch.device(device)) if device is not None else "cpu"
+
+
+class _Traced:
+    """Objects built while torch.compile traces, one attribute each (see :func:`cached`).
+
+    Attributes, not a dict: within one trace Dynamo snapshots a container the first time it reads it,
+    so a dict filled later in the same trace would look stale; an attribute read goes to the object
+    itself. ``names`` maps a build's key to its attribute; the oldest of more than 64 builds is dropped
+    (a compiled call that used it fails its guard and re-traces).
+    """
+
+    def __init__(self) -> None:
+        self.names: dict[tuple, str] = {}
+        self.count = 0
+
+
+_TRACED = _Traced()
+
+
+def _build_while_tracing(module: str, name: str, args: tuple) -> str:
+    """Run the builder ``module.name`` on ``args`` eagerly, keep the result on ``_TRACED``; return its attribute.
+
+    Marked as a constant for Dynamo (the flag ``torch.compiler.assume_constant_result`` sets, without
+    importing ``torch._dynamo``, 2 s, with gatx): Dynamo calls it with the real arguments while tracing
+    instead of tracing it, and takes the name it returns as a constant.
+    """
+    key = (module, name, *args)
+    if key not in _TRACED.names:
+        if len(_TRACED.names) >= 64:
+            delattr(_TRACED, _TRACED.names.pop(next(iter(_TRACED.names))))
+        _TRACED.count += 1
+        _TRACED.names[key] = f"built_{_TRACED.count}"
+        setattr(_TRACED, _TRACED.names[key], getattr(sys.modules[module], name)(*args))
+    return _TRACED.names[key]
+
+
+_build_while_tracing._dynamo_marked_constant = True
+
+
+def cached(builder: Callable[..., Any], *args: Any) -> Any:
+    """``builder(*args)``: a cached build (graph, index table) that depends only on ``args``.
+
+    ``args`` are Python values (shapes, sizes, device names), never tensors. Eagerly this is the
+    builder's own cache lookup. While ``torch.compile`` traces, the builder runs eagerly at trace time
+    and the traced code reads its result from a global object, so Dynamo sees an ordinary global (its
+    tensors are graph inputs, guarded) and never traces the construction, whose index arithmetic is
+    data-dependent (``.tolist()``, ``int(tensor)``). Symbolic sizes (dynamic shapes) are specialised
+    first: a grid graph is built per shape.
+    """
+    if not torch.compiler.is_compiling():
+        return builder(*args)
+    return getattr(_TRACED, _build_while_tracing(builder.__module__, builder.__name__, tuple(static_shape(a) for a in args)))
+
+
+def static_shape(value: Any) -> Any:
+    """Symbolic ints (dynamic shapes under torch.compile) as plain ints, specialised with a guard;
+    tuples element-wise; anything else unchanged."""
+    if isinstance(value, (tuple, list)):
+        return tuple(static_shape(v) for v in value)
+    if isinstance(value, torch.SymInt):
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+        return guard_scalar(value)
+    return value
 
 
 # ------------------------------------------------------------------------------- one axis
@@ -296,7 +361,7 @@ def neighborhood_graph(
             f"neighborhood attention needs every side >= kernel_size * dilation = {_fmt(tuple(a * b for a, b in zip(k, d)))}, "
             f"got {'x'.join(map(str, shape))}; use a smaller kernel_size or dilation, or pad the input"
         )
-    return _neighborhood_graph(shape, k, d, causal, _device_key(device))
+    return cached(_neighborhood_graph, shape, k, d, causal, _device_key(device))
 
 
 @functools.lru_cache(maxsize=32)
@@ -349,10 +414,11 @@ def window_graph(
     s = _per_axis(0 if named["shift"] is None else named["shift"], n, "shift", 0)
     if any(sa >= wa for sa, wa in zip(s, w)):
         raise ValueError(f"shift must be in [0, window_size={_fmt(w)}) on every axis, got {_fmt(s)}")
-    return _window_graph(shape, w, s, _device_key(device))
+    return cached(_window_graph, shape, w, s, _device_key(device))
 
 
 @functools.lru_cache(maxsize=32)
 def _window_graph(shape: tuple, w: tuple, s: tuple, device: str) -> Graph:
     axes = [_window_axis(L, wa, sa) for L, wa, sa in zip(shape, w, s)]
     return _build("window", shape, w, (1,) * len(shape), s, (False,) * len(shape), axes, device)
+

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..graph import Graph
+from .grid import static_shape
 
 _LAYOUTS = {
     1: ("(B, L, dim={dim})", "permute a (B, C, L) tensor with x.transpose(1, 2)"),
@@ -96,7 +97,7 @@ class _GridAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_grid_input(x, self.dim, self.ndim, type(self).__name__)
-        graph = self.grid_graph(tuple(x.shape[1:-1]), x.device)
+        graph = self.grid_graph(static_shape(tuple(x.shape[1:-1])), x.device)
         return self._attend(x, graph, self.relative_position_bias_table)
 
     def _attend(self, x: Tensor, graph: Graph, table: Tensor | None) -> Tensor:

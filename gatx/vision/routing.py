@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..backends.blocks import RegionBlocks
 from ..graph import Graph
-from .grid import _check_int, _device_key
+from .grid import _check_int, _device_key, cached
 
 __all__ = ["region_pool", "region_table", "routed_region_graph"]
 
@@ -142,15 +142,17 @@ def routed_region_graph(idx: Tensor, grid: tuple[int, int], n_win: int) -> Graph
     if B == 0 or topk == 0:
         raise ValueError(f"idx must have a batch and topk of at least 1, got shape {tuple(idx.shape)}")
     lo, hi = torch.aminmax(idx)
-    if int(lo) < 0 or int(hi) >= R:
+    if torch.compiler.is_compiling():  # the ids are data: checked when the compiled graph runs
+        torch._assert_async((lo >= 0) & (hi < R), f"region ids in idx must lie in [0, {R})")
+    elif int(lo) < 0 or int(hi) >= R:
         raise ValueError(f"region ids in idx must lie in [0, {R}), got ids from {int(lo)} to {int(hi)}")
     device = _device_key(idx.device)
-    table = _region_table(Y, X, n_win, device)  # (R, P)
+    table = cached(_region_table, Y, X, n_win, device)  # (R, P)
     N, P = Y * X, table.shape[1]
     offset = torch.arange(0, B * N, N, device=idx.device).view(B, 1, 1)  # (B, 1, 1)
     routed = (table[idx.long().reshape(-1)].view(B, R, topk * P) + offset)  # (B, R, topk*P) node ids per region
-    src = routed.index_select(1, _pixel_region(Y, X, n_win, device)).reshape(-1)  # (B*N*topk*P,) grouped by dst
-    indptr, dst, perm = _rows(B * N, topk * P, device)  # the same for every forward of this shape: cached
+    src = routed.index_select(1, cached(_pixel_region, Y, X, n_win, device)).reshape(-1)  # (B*N*topk*P,) grouped by dst
+    indptr, dst, perm = cached(_rows, B * N, topk * P, device)  # the same for every forward of this shape: cached
     structure = RegionBlocks((Y, X), n_win, idx.to(torch.int64, copy=True))
     # src / dst derive from the validated routes: in range and grouped by dst by construction, so the
     # graph skips from_csr's per-edge checks and copies (they would be most of the build time)
