@@ -114,7 +114,7 @@ def real(x: Any, name: str, *, lo: float | None = None, hi: float | None = None)
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {type(x).__name__}")
     x = float(x)
-    if not math.isfinite(x):
+    if not -math.inf < x < math.inf:  # math.isfinite, in a form torch.compile traces for symbolic floats
         raise ValueError(f"{name} must be finite, got {x}")
     if (lo is not None and x < lo) or (hi is not None and x > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {x}")
