@@ -198,7 +198,9 @@ def _vision(module, inputs):
     return module(inputs)
 
 
-@pytest.mark.parametrize("case", ["GATConv", "GATv2Conv", "NeighborhoodAttention2d", "WindowAttention"])
+@pytest.mark.parametrize(
+    "case", ["GATConv", "GATv2Conv", "NeighborhoodAttention2d", "WindowAttention", "BiLevelRoutingAttention", "OutlookAttention"]
+)
 def test_autocast_through_layers(case):
     torch.manual_seed(0)
     if case in ("GATConv", "GATv2Conv"):
@@ -207,8 +209,12 @@ def test_autocast_through_layers(case):
         run, inputs = _graph_layer, (g, torch.randn(40, 16))
     elif case == "NeighborhoodAttention2d":
         module, run, inputs = vision.NeighborhoodAttention2d(32, 4, 5), _vision, torch.randn(2, 10, 10, 32)
-    else:
+    elif case == "WindowAttention":
         module, run, inputs = vision.WindowAttention(32, 4, 4, shift_size=2), _vision, torch.randn(2, 8, 8, 32)
+    elif case == "BiLevelRoutingAttention":  # the blocks backend: float32 routes inside an autocast region
+        module, run, inputs = vision.BiLevelRoutingAttention(32, num_heads=4, n_win=2, topk=2), _vision, torch.randn(2, 8, 8, 32)
+    else:  # given (generated) logits
+        module, run, inputs = vision.OutlookAttention(32, 4), _vision, torch.randn(2, 8, 8, 32)
     err_out, err_grad = _autocast_case(module, run, inputs)
     # bfloat16 projections: a few roundings of 2**-8 per value, compounded through two GEMMs
     assert err_out < 4e-2, f"{case}: autocast output max rel err {err_out:.2e}"

@@ -18,6 +18,7 @@ run those); first-order gradients only (use ``backend="torch"`` for double backw
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,7 +167,9 @@ def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: st
     # float16 / bfloat16: the online softmax's max, normaliser and sums (and the backward's) run in float32
     acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
     qr, kr, vr = (_to_regions(t, B, Y, X, n).to(acc) for t in (q, k, v))
-    out = _RoutedAttention.apply(qr, kr, vr, sel, float(scale))  # (B*R, H, P, Dv)
+    dev = q.device.type  # the routes run in the dtype chosen above, not autocast's
+    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
+        out = _RoutedAttention.apply(qr, kr, vr, sel, float(scale))  # (B*R, H, P, Dv)
     H, Dv = v.shape[1], v.shape[2]
     out = out.view(B, n, n, H, Y // n, X // n, Dv).permute(0, 1, 4, 2, 5, 3, 6)  # (B, n, h, n, w, H, Dv)
     return out.reshape(B * Y * X, H, Dv).to(v.dtype)
