@@ -222,10 +222,37 @@ def sparse_attention(
     checked = list(res) if return_attention else [res]
     if not tiling_of(graph).full and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         checked += [q, k]  # finite outputs, yet 0 * inf in the backward of a masked slot (e.g. a -inf key)
+    if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: torch.cond picks when it runs
+        inputs = dict(q=q, k=k, v=v, bias=bias, edge_weight=edge_weight)
+        return _finite_or_per_edge(checked, res, inputs, lambda t: _per_edge(
+            graph, t["q"], t["k"], t["v"], scale=scale, bias=t["bias"], edge_weight=t["edge_weight"],
+            dropout_p=dropout_p, return_attention=return_attention))
     if _all_finite(checked):
         return res
     return _per_edge(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
                      return_attention=return_attention)
+
+
+def _finite_or_per_edge(checked: list[Tensor], res: Any, inputs: dict[str, Tensor | None], per_edge: Any) -> Any:
+    """The check above under torch.compile: ``res`` when ``checked`` is all finite, else ``per_edge(inputs)``,
+    as one ``torch.cond`` (both branches are compiled, the taken one runs). Its operands are contiguous
+    copies of the inputs (operands must not alias, and q, k, v are often views of one qkv tensor; both
+    branches must give their gradients the same layout). Outputs keep ``res``'s layout."""
+    outs = list(res) if isinstance(res, tuple) else [res]
+    total = sum(t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in checked)
+    names = [n for n, t in inputs.items() if t is not None]
+
+    def dense(*_: Tensor) -> list[Tensor]:
+        return [t.clone() for t in outs]
+
+    def fallback(*operands: Tensor) -> list[Tensor]:
+        got = per_edge({**inputs, **dict(zip(names, operands))})
+        got = list(got) if isinstance(got, tuple) else [got]
+        return [torch.empty_like(t).copy_(g) for t, g in zip(outs, got)]
+
+    operands = tuple(inputs[n].clone(memory_format=torch.contiguous_format) for n in names)
+    picked = torch.cond(torch.isfinite(total), dense, fallback, operands)
+    return tuple(picked) if isinstance(res, tuple) else picked[0]
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
@@ -262,6 +289,8 @@ def _tiled(
         Q = tl.query_nodes(q).view(H * T, Qt, D)
     if tl.keys_are_queries:
         K, V = blocks.to_blocks(k).view(H * T, Kt, D), blocks.to_blocks(v).view(H * T, Kt, Dv)
+    elif tl.halo is not None:  # each halo is a range per axis: strided windows of the grid, no gather
+        K, V = tl.halo.gather(k).view(H * T, Kt, D), tl.halo.gather(v).view(H * T, Kt, Dv)
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
         V = tl.key_nodes(v).view(H * T, Kt, Dv)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["AxisTiling", "BlockPlan", "RowGather", "Tiling", "axis_tiling", "grid_tiling"]
+__all__ = ["AxisTiling", "BlockPlan", "HaloPlan", "RowGather", "Tiling", "axis_tiling", "grid_tiling"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,7 +25,8 @@ class AxisTiling:
 
     ``neighbors`` (L, C): the allowed key positions of each query position in increasing order, the
     first ``count`` (L,) valid (padding repeats the last). ``queries`` (nt, T) and ``halo`` (nt, K)
-    positions (padding slots repeat a position; padded halo slots are never allowed); halos are
+    positions (padding slots repeat a position, or, when every halo is a range, widen it to K
+    positions; padded halo slots are never allowed); halos are
     sorted, except that when every tile's halo is exactly its query set (windows), each halo lists
     its tile's queries in query order, so keys are laid out like queries.
     ``tile_rank`` (nt, T, K): rank of each halo key among the query slot's allowed keys, -1 where not
@@ -69,8 +70,14 @@ def axis_tiling(neighbors: Tensor, count: Tensor, tiles: list[list[int]]) -> Axi
     valid = torch.arange(C)[None, :] < count[:, None]  # (L, C)
     halos = [torch.unique(neighbors[q][valid[q]]) for q in (torch.tensor(t) for t in tiles)]  # sorted
     K = max(h.numel() for h in halos)
-    halo = torch.stack([torch.cat([h, h[-1:].expand(K - h.numel())]) for h in halos])  # (nt, K), still sorted
-    halo_valid = torch.arange(K)[None, :] < torch.tensor([h.numel() for h in halos])[:, None]  # (nt, K)
+    if K <= L and all(torch.equal(h, h[0] + torch.arange(h.numel())) for h in halos):
+        # every halo is a range: widen the short ones (border tiles) to K positions, so all halos are
+        # ranges of one length (strided windows, see HaloPlan); the added positions are never allowed
+        halo = torch.stack([torch.arange(K) + min(int(h[0]), L - K) for h in halos])  # (nt, K)
+        halo_valid = torch.ones(halo.shape, dtype=torch.bool)
+    else:
+        halo = torch.stack([torch.cat([h, h[-1:].expand(K - h.numel())]) for h in halos])  # (nt, K), still sorted
+        halo_valid = torch.arange(K)[None, :] < torch.tensor([h.numel() for h in halos])[:, None]  # (nt, K)
     flat = queries.reshape(-1)
     r = int(flat[0]) if flat.numel() == L else 0
     rotation = r if flat.numel() == L and torch.equal(flat, (torch.arange(L) + r) % L) else None
@@ -242,6 +249,103 @@ class _FromBlocks(torch.autograd.Function):
 
 
 @dataclass(frozen=True, eq=False)
+class HaloPlan:
+    """Key halos that are contiguous ranges per axis, read as strided windows of the grid (no index gather).
+
+    When every tile's halo on an axis is ``lo_t + arange(K)`` (neighborhoods without dilation), the
+    keys of all tiles are (H, *nts, *Ks, C) windows of the (H, *shape, C) grid. ``runs`` per axis:
+    (t0, t1, lo, stride), tiles [t0, t1) whose halos start at ``lo + (t - t0) * stride`` (the interior
+    tiles form one run, the clamped border tiles their own). :meth:`gather` copies the windows, run by
+    run; its adjoint adds them back (chunks of at most ``stride`` slots, so one add never overlaps).
+    """
+
+    shape: tuple[int, ...]
+    nts: tuple[int, ...]
+    Ks: tuple[int, ...]
+    runs: tuple[tuple[tuple[int, int, int, int], ...], ...]
+
+    @classmethod
+    def build(cls, axes: tuple[AxisTiling, ...]) -> "HaloPlan | None":
+        runs = []
+        for a in axes:
+            halo = a.halo
+            nt, K = halo.shape
+            if not torch.equal(halo, halo[:, :1] + torch.arange(K)):
+                return None
+            lo, out, t0 = halo[:, 0].tolist(), [], 0
+            while t0 < nt:
+                t1, step = t0 + 1, (lo[t0 + 1] - lo[t0] if t0 + 1 < nt else 0)
+                if t0 + 2 < nt and lo[t0 + 2] - lo[t0 + 1] != step:
+                    step = 0  # a border tile: alone, so that the interior tiles form one run
+                while t1 < nt and lo[t1] - lo[t1 - 1] == step and step > 0:
+                    t1 += 1
+                out.append((t0, t1, lo[t0], step if t1 - t0 > 1 else K))
+                t0 = t1
+            runs.append(tuple(out))
+        return cls(tuple(a.length for a in axes), tuple(a.halo.shape[0] for a in axes),
+                   tuple(a.halo.shape[1] for a in axes), tuple(runs))
+
+    def _windows(self, grid: Tensor, chunked: bool):
+        """(run box of the (H, *nts, *Ks, C) halo tensor, strided window view of ``grid``) pairs."""
+        n, st = len(self.shape), grid.stride()
+        for combo in itertools.product(*self.runs):
+            chunks = [[(c, min(c + r[3], K)) for c in range(0, K, r[3])] if chunked else [(0, K)]
+                      for r, K in zip(combo, self.Ks)]
+            for cs in itertools.product(*chunks):
+                size = [grid.shape[0]] + [r[1] - r[0] for r in combo] + [c1 - c0 for c0, c1 in cs] + [grid.shape[-1]]
+                stride = [st[0]] + [r[3] * st[1 + i] for i, r in enumerate(combo)] + [st[1 + i] for i in range(n)] + [st[-1]]
+                offset = grid.storage_offset() + sum((r[2] + c0) * st[1 + i] for i, (r, (c0, _)) in enumerate(zip(combo, cs)))
+                box = (slice(None),) + tuple(slice(r[0], r[1]) for r in combo) + tuple(slice(c0, c1) for c0, c1 in cs)
+                yield box, grid.as_strided(size, stride, offset)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""
+        return _HaloGather.apply(x, self)
+
+
+def _halo_gather(plan: HaloPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ks), C)
+    tiles = out.view(H, *plan.nts, *plan.Ks, C)
+    for box, window in plan._windows(x.contiguous().view(H, *plan.shape, C), chunked=False):
+        tiles[box].copy_(window)
+    return out
+
+
+def _halo_scatter(plan: HaloPlan, y: Tensor) -> Tensor:
+    H, C = y.shape[0], y.shape[-1]
+    out = y.new_zeros(H, math.prod(plan.shape), C)
+    tiles = y.reshape(H, *plan.nts, *plan.Ks, C)
+    for box, window in plan._windows(out.view(H, *plan.shape, C), chunked=True):
+        window.add_(tiles[box])
+    return out
+
+
+class _HaloGather(torch.autograd.Function):
+    """Linear; its backward is :class:`_HaloScatter` (the adjoint) and vice versa: exact at any order."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: HaloPlan) -> Tensor:
+        ctx.plan = plan
+        return _halo_gather(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaloScatter.apply(grad, ctx.plan), None
+
+
+class _HaloScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, plan: HaloPlan) -> Tensor:
+        ctx.plan = plan
+        return _halo_scatter(plan, y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaloGather.apply(grad, ctx.plan), None
+
+
+@dataclass(frozen=True, eq=False)
 class Tiling:
     """A separable tiling of an n-d grid (see the module docstring); the kernel's contract.
 
@@ -253,7 +357,8 @@ class Tiling:
     rotation (tiles are blocks of the rolled grid: windows, or neighborhoods whose tiles divide the
     sides), so queries need no gather; else None. ``keys_are_queries``: with ``blocks``, each tile's
     halo is its query block in the same order ((shifted) windows), so keys are laid out like
-    queries. ``full``: no dense position is masked (``pos_edge < E``). ``edge_order``: the dense
+    queries. ``halo``: a :class:`HaloPlan` when each halo is a range per axis (keys read as strided
+    windows instead of gathered rows), else None. ``full``: no dense position is masked (``pos_edge < E``). ``edge_order``: the dense
     layout is the edge order (``pos_edge`` is ``arange(E)``, e.g. one tile holding every query), so
     per-edge values need no gather. ``edge_rows``: full, and each dense row (query slot) holds its
     query's edges in edge order, so per-edge values, as (N, Kt) rows, move like queries.
@@ -267,6 +372,7 @@ class Tiling:
     key_nodes: RowGather
     owner: RowGather
     blocks: BlockPlan | None
+    halo: HaloPlan | None
     keys_are_queries: bool
     full: bool
     edge_order: bool
@@ -293,7 +399,7 @@ class Tiling:
         if device == self.device:
             return self
         moved = [getattr(self, f) for f in self.__dataclass_fields__]
-        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, (bool, BlockPlan)) or m is None
+        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, (bool, BlockPlan, HaloPlan)) or m is None
                  else m.to(device) for m in moved]
         return Tiling(*moved)
 
@@ -372,5 +478,6 @@ def grid_tiling(*axes: AxisTiling) -> tuple[Tiling, Tensor, Tensor]:
     edge_order = full and torch.equal(pos_edge, torch.arange(E))
     rows = indptr[query_nodes][:, None] + torch.arange(Kt)  # (T*Qt, Kt): each slot's query's edges in order
     edge_rows = full and bool((counts == Kt).all()) and torch.equal(pos_edge.view(-1, Kt), rows)
-    tiling = Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, blocks, keys_are_queries, full, edge_order, edge_rows)
+    halo = None if keys_are_queries else HaloPlan.build(tuple(axes))
+    tiling = Tiling(tuple(axes), edge_pos, pos_edge, mask, *gathers, blocks, halo, keys_are_queries, full, edge_order, edge_rows)
     return tiling, src, dst
