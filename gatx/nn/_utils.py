@@ -1,6 +1,7 @@
 """Shared helpers of the graph layers: graph coercion, dropout and projections that keep sparse features sparse."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from collections import OrderedDict
@@ -147,6 +148,13 @@ def as_csr(x: Tensor) -> Tensor:
         return x.to_sparse_csr()
 
 
+def float32_sparse(x: Tensor) -> Any:
+    """A context with autocast off on ``x``'s device: torch's sparse matmuls have no float16 / bfloat16
+    kernels on CPU, so under autocast a sparse projection runs in float32 (the ops after it in autocast's dtype)."""
+    dev = x.device.type
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
 def project_heads(x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
     """(N, H*D): head h is ``(x * scale[h]) @ weight[h*D:(h+1)*D].t()``, where ``scale`` (H, N, F)
     multiplies a dense ``x`` and ``scale`` (H, nnz) multiplies a sparse ``x``'s stored values (in
@@ -155,15 +163,16 @@ def project_heads(x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:
     w = weight.view(H, -1, x.shape[1])  # (H, D, F)
     if not is_sparse(x):
         return torch.cat([(x * scale[h]) @ w[h].t() for h in range(H)], 1)  # (N, H*D)
-    if not x.requires_grad:
-        return _CSRHeadLinear.apply(as_csr(x), scale, weight)
-    c = x.to_sparse_coo().coalesce()  # row-major, the same value order as CSR
-    outs = [
-        torch.sparse.mm(torch.sparse_coo_tensor(c.indices(), c.values() * scale[h], c.shape, is_coalesced=True,
-                                                check_invariants=False), w[h].t())
-        for h in range(H)
-    ]
-    return torch.cat(outs, 1)  # (N, H*D)
+    with float32_sparse(x):
+        if not x.requires_grad:
+            return _CSRHeadLinear.apply(as_csr(x), scale, weight)
+        c = x.to_sparse_coo().coalesce()  # row-major, the same value order as CSR
+        outs = [
+            torch.sparse.mm(torch.sparse_coo_tensor(c.indices(), c.values() * scale[h], c.shape, is_coalesced=True,
+                                                    check_invariants=False), w[h].t())
+            for h in range(H)
+        ]
+        return torch.cat(outs, 1)  # (N, H*D)
 
 
 def head_dropout_linear(layer: nn.Linear, x: Tensor, heads: int, p: float, training: bool) -> Tensor:
@@ -189,11 +198,12 @@ def linear(layer: nn.Module, x: Tensor) -> Tensor:
         return layer(x)
     if not isinstance(layer, nn.Linear):
         return layer(x.to_dense())
-    if x.requires_grad:
-        out = torch.sparse.mm(x, layer.weight.t())  # (N, out) dense; gradients flow to x and the weight
-    else:
-        out = _CSRLinear.apply(as_csr(x), layer.weight)
-    return out + layer.bias if layer.bias is not None else out
+    with float32_sparse(x):
+        if x.requires_grad:
+            out = torch.sparse.mm(x, layer.weight.t())  # (N, out) dense; gradients flow to x and the weight
+        else:
+            out = _CSRLinear.apply(as_csr(x), layer.weight)
+        return out + layer.bias if layer.bias is not None else out
 
 
 def flat(x: Tensor) -> Tensor:
