@@ -1,6 +1,6 @@
 """Run ``bench_gat.py``, ``bench_vision.py`` and ``bench_compile.py``; write JSON rows, markdown tables and PNG plots.
 
-    python benchmarks/run.py --quick                    # CPU, about 2-3 minutes on 2 cores
+    python benchmarks/run.py --quick                    # CPU, about 5 minutes on 2 cores (2 of them compiling)
     python benchmarks/run.py                            # full sizes (CPU: tens of minutes)
     python benchmarks/run.py --quick --update-results   # rewrite the committed benchmarks/results/
     python benchmarks/run.py --device cuda --out-dir /tmp/bench-cuda
@@ -38,7 +38,7 @@ COMMITTED = HERE / "results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CPU in under 3 minutes on 2 cores")
+    size.add_argument("--quick", action="store_true", help="CPU in about 5 minutes on 2 cores")
     size.add_argument("--tiny", action="store_true", help="seconds: tiny sizes, for tests")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     where = p.add_mutually_exclusive_group()
