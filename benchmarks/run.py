@@ -1,6 +1,6 @@
 """Run ``bench_gat.py``, ``bench_vision.py`` and ``bench_compile.py``; write JSON rows, markdown tables and PNG plots.
 
-    python benchmarks/run.py --quick                    # CPU, about 5 minutes on 2 cores (2 of them compiling)
+    python benchmarks/run.py --quick                    # CPU, about 5 minutes on 2 cores (~2 of them in torch.compile)
     python benchmarks/run.py                            # full sizes (CPU: tens of minutes)
     python benchmarks/run.py --quick --update-results   # rewrite the committed benchmarks/results/
     python benchmarks/run.py --device cuda --out-dir /tmp/bench-cuda
