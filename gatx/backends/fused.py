@@ -25,6 +25,12 @@ Limits: no forward-mode AD, CPU only. The kernel runs float32 and float64; float
 in float32 copies (twice their bytes, kept for backward) and the results are cast back: measured on
 10k nodes / 110k edges, 8 heads x 8, fwd+bwd, 4x faster than the torch backend's half path.
 
+Under ``torch.compile`` (``fullgraph=True`` works) the kernel runs through the custom operators
+``gatx::fused_attention`` / ``gatx::fused_attention_backward`` of :mod:`gatx.ops._library`, which take
+the graph's CSR / CSC tensors instead of the Graph (built inside the trace when not cached yet, and
+then cached on the Graph); eager calls keep this module's autograd.Function (no dispatcher cost).
+A compiled function cannot be differentiated twice (a torch.compile limit); eager double backward works.
+
 Why plain C++ through ctypes (measured on 100k nodes / 2.1M edges, 8 heads x 8, this 2-core box):
 the same forward written in numba (prange) ran 3.5x slower than this kernel and took ~9 s to JIT;
 torch.compile of the gather / scatter formulation took 29 s to compile and ran fwd+bwd 11x slower;

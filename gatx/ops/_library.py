@@ -13,9 +13,10 @@ autograd formula:
   ``out`` (num_dst, H, Dv), the per-row log-sum-exp ``stat`` (num_dst, 2, H) that backward reads,
   ``attn`` (E, H) (or (0, H) unless ``want_attn``). The CSC tensors are only kept for backward (pass
   empty ones when no input needs a gradient).
-- ``gatx::fused_attention_backward(..., stat, g_out, g_attn?, ..., needs) -> (dq, dk, dv, dbias,
-  dedge_weight)``: both kernel passes (dst rows, then src rows); an entry of ``needs`` that is False
-  gives an empty (0,) tensor in its place.
+- ``gatx::fused_attention_backward(..., stat, fwd_out, g_out, g_attn?, ..., needs) -> (dq, dk, dv,
+  dbias, dedge_weight)``: the kernel's backward (one pass over the src rows given the forward's output
+  ``fwd_out`` and no attention gradient, else a pass over the dst rows and one over the src rows); an
+  entry of ``needs`` that is False gives an empty (0,) tensor in its place.
 
 ``keep`` is the (E, H) uint8 dropout keep-mask (drawn by the caller, scaled by ``keep_scale``).
 Higher-order gradients (``create_graph=True``) recompute the forward as differentiable torch ops,
@@ -73,32 +74,32 @@ def _fused_attention_fake(indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k
 def fused_attention_backward(
     indptr: Tensor, src: Tensor, perm: Tensor, csc_indptr: Tensor, csc_dst: Tensor, csc_perm: Tensor,
     q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, edge_weight: Tensor | None, keep: Tensor | None,
-    stat: Tensor, g_out: Tensor, g_attn: Tensor | None, num_src: int, dot: bool, scale: float, slope: float,
-    keep_scale: float, needs: list[bool],
+    stat: Tensor, fwd_out: Tensor, g_out: Tensor, g_attn: Tensor | None, num_src: int, dot: bool, scale: float,
+    slope: float, keep_scale: float, needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     num_dst = indptr.numel() - 1
     csc = (csc_indptr, csc_dst, csc_perm, num_dst)
     stat = stat.clone()  # the dst pass writes its row term into stat's second half; inputs stay untouched
     grads = _fused.backward_pass((indptr, src, perm, num_src), csc, q, k, v, bias, edge_weight, keep, stat, g_out,
-                                 g_attn, tuple(needs), dot, scale, slope, keep_scale)
+                                 g_attn, tuple(needs), dot, scale, slope, keep_scale, fwd_out=fwd_out)
     return tuple(g if g is not None else v.new_empty(0) for g in grads)
 
 
 @fused_attention_backward.register_fake
 def _fused_attention_backward_fake(indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, edge_weight, keep,
-                                   stat, g_out, g_attn, num_src, dot, scale, slope, keep_scale, needs):
+                                   stat, fwd_out, g_out, g_attn, num_src, dot, scale, slope, keep_scale, needs):
     like = (q, k, v, bias, edge_weight)
     return tuple(torch.empty_like(t) if need and t is not None else v.new_empty(0) for t, need in zip(like, needs))
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    ctx.save_for_backward(*inputs[:_TENSORS], output[1])
+    ctx.save_for_backward(*inputs[:_TENSORS], output[1], output[0])
     ctx.consts = inputs[_TENSORS:_TENSORS + 5]  # num_src, dot, scale, slope, keep_scale
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx: Any, g_out: Tensor | None, g_stat: Tensor | None, g_attn: Tensor | None) -> tuple:
-    indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat = ctx.saved_tensors
+    indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, fwd_out = ctx.saved_tensors
     num_src, dot, scale, slope, keep_scale = ctx.consts
     needs = tuple(bool(n) for n in ctx.needs_input_grad[6:11])
     none = (None,) * 6
@@ -117,7 +118,7 @@ def _backward(ctx: Any, g_out: Tensor | None, g_stat: Tensor | None, g_attn: Ten
     if g_out is None:
         g_out = v.new_zeros((indptr.numel() - 1,) + tuple(v.shape[1:]))
     got = torch.ops.gatx.fused_attention_backward(
-        indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, g_out.contiguous(),
+        indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, fwd_out, g_out.contiguous(),
         g_attn.contiguous() if g_attn is not None else None, num_src, dot, scale, slope, keep_scale, list(needs),
     )
     grads = tuple(g if need else None for g, need in zip(got, needs))

@@ -78,8 +78,10 @@ def test_fused_attention_backward_passes_opcheck(dot):
     q, k, v, b, w, keep = inputs(g, 2, 3, torch.float64, dot, weight="EH", dropout=True, grad=False)
     args = (*graph_tensors(g), q, k, v, b, w, keep, g.num_src, dot, 0.5, 0.2, 1 / 0.7, True)
     out, stat, attn = torch.ops.gatx.fused_attention(*args)
-    for needs in ([True] * 5, [False, True, False, False, True]):
-        bargs = (*graph_tensors(g), q, k, v, b, w, keep, stat, torch.randn_like(out), torch.randn_like(attn),
+    cases = [([True] * 5, torch.randn_like(attn)), ([False, True, False, False, True], torch.randn_like(attn)),
+             ([True] * 5, None)]  # no attention gradient: the single-pass backward
+    for needs, g_attn in cases:
+        bargs = (*graph_tensors(g), q, k, v, b, w, keep, stat, out, torch.randn_like(out), g_attn,
                  g.num_src, dot, 0.5, 0.2, 1 / 0.7, needs)
         torch.library.opcheck(torch.ops.gatx.fused_attention_backward.default, bargs)
         grads = torch.ops.gatx.fused_attention_backward(*bargs)
