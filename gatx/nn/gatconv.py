@@ -80,6 +80,11 @@ class GATConv(nn.Module):
             node has no in-edge and ``allow_zero_in_degree`` is False. With ``residual=True`` and no dst
             nodes the residual is skipped, as current DGL does.
 
+    ``torch.compile(layer, fullgraph=True)`` works on CPU (the fused kernel runs as the custom op
+    ``gatx::fused_attention``; the zero-in-degree check runs inside the compiled code and raises the
+    same error). A graph first used inside a compiled function gets its CSR / CSC built in the trace
+    and cached on it, so the next call compiles once more; a graph already used eagerly compiles once.
+
     >>> import torch, gatx
     >>> g = gatx.Graph(torch.tensor([0, 1, 2, 0]), torch.tensor([1, 2, 0, 0]))
     >>> conv = gatx.GATConv(5, 4, num_heads=2)

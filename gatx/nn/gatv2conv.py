@@ -49,6 +49,10 @@ class GATv2Conv(nn.Module):
         ZeroInDegreeError: (a ``ValueError``, and a ``dgl.DGLError`` when DGL is imported) for dst nodes
             without in-edges unless ``allow_zero_in_degree``.
 
+    ``torch.compile(layer, fullgraph=True)`` works on CPU: while compiling, ``backend=None`` runs the
+    torch backend's gather / scatter (DGL's kernels cannot be traced), and the zero-in-degree check
+    runs inside the compiled code and raises the same error.
+
     >>> import torch, gatx
     >>> g = gatx.Graph(torch.tensor([0, 1, 2]), torch.tensor([1, 2, 0]))
     >>> gatx.GATv2Conv(5, 4, num_heads=2)(g, torch.randn(3, 5)).shape
