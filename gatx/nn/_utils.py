@@ -278,6 +278,92 @@ class _ScoredProjection(torch.autograd.Function):
         return gx, gw, gl, gr, None
 
 
+class _SparseScoredProjection(torch.autograd.Function):
+    """:class:`_ScoredProjection` for a constant x given as CSR ``xs`` and its transpose ``xt`` (no
+    gradient of x): the weight's gradient and both score terms' come from one sparse product
+    ``xt @ [g_feat | g_el | g_er]`` (F, H*D + 2H)."""
+
+    @staticmethod
+    def forward(ctx, xs: Tensor, xt: Tensor, weight: Tensor, attn_l: Tensor, attn_r: Tensor, n_dst: int):
+        feat = xs @ weight.t()  # (N, H*D)
+        el = feat @ head_blocks(attn_l)  # (N, H)
+        er = feat[:n_dst] @ head_blocks(attn_r)  # (n_dst, H)
+        ctx.xt, ctx.n_dst = xt, n_dst
+        ctx.save_for_backward(weight, attn_l, attn_r, feat)
+        return feat, el, er
+
+    @staticmethod
+    def backward(ctx, g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None):
+        weight, attn_l, attn_r, feat = ctx.saved_tensors
+        n, H, N = ctx.n_dst, attn_l.shape[1], feat.shape[0]
+        need_w, need_l, need_r = ctx.needs_input_grad[2:5]
+        gw = gl = gr = None
+        if need_w:
+            g_all = feat.new_zeros((N, feat.shape[1] + 2 * H))  # (N, H*D + 2H): [g_feat | g_el | g_er]
+            for g, lo, rows in ((g_feat, 0, N), (g_el, feat.shape[1], N), (g_er, feat.shape[1] + H, n)):
+                if g is not None:
+                    g_all[:rows, lo:lo + g.shape[1]] = g
+            p = (ctx.xt @ g_all).t()  # (H*D + 2H, F)
+            hd = feat.shape[1]
+            gw = p[:hd] + head_blocks(attn_l) @ p[hd:hd + H] + head_blocks(attn_r) @ p[hd + H:]  # (H*D, F)
+        if need_l and g_el is not None:
+            gl = _diag_blocks(g_el.t() @ feat, H)
+        if need_r and g_er is not None:
+            gr = _diag_blocks(g_er.t() @ feat[:n], H)
+        return None, None, gw, gl, gr, None
+
+
+# id(x) -> (weak ref to x, its version, (CSR copy, its transpose) or None, looks sparse): dense features
+# that are mostly zeros (bag-of-words), converted once
+_zeros_cache: "OrderedDict[int, tuple[weakref.ref, int, tuple[Tensor, Tensor] | None, bool]]" = OrderedDict()
+SPARSE_DENSITY, SPARSE_MIN_NUMEL, _SAMPLE_ROWS = 0.05, 1 << 20, 256
+
+
+def _csr32(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    """A CSR tensor with int32 indices (torch's sparse matmul on CPU converts int64 ones on every call)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
+        return torch.sparse_csr_tensor(crow.int(), col.int(), values, shape, check_invariants=False)
+
+
+def mostly_zero_csr(x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(CSR copy, CSR transpose) of a dense 2-D CPU ``x`` (no gradient) whose entries are at most 5%
+    nonzero, or None.
+
+    The density is estimated on 256 evenly spaced rows when a tensor is first seen; the copy is made
+    the second time the same unchanged tensor comes (the features of full-graph training, every
+    epoch) and cached, so features that are new on every call never pay for a conversion.
+    Measured on Cora (2,708 x 1,433, 1.3% nonzero, 2 threads): the projection 24 -> 0.6 ms, its
+    weight gradient 20 -> 0.6 ms.
+    """
+    if (x.requires_grad or x.dim() != 2 or x.layout != torch.strided or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64) or x.numel() < SPARSE_MIN_NUMEL):
+        return None
+    hit = _zeros_cache.get(id(x))
+    if hit is not None and hit[0]() is x and hit[1] == x._version:
+        if hit[2] is None and hit[3]:
+            xs = as_csr(x)
+            tcrow, tcol, perm = _csr_transpose_plan(xs)
+            pair = (_csr32(xs.crow_indices(), xs.col_indices(), xs.values(), tuple(x.shape)),
+                    _csr32(tcrow, tcol, xs.values()[perm], (x.shape[1], x.shape[0])))
+            _zeros_cache[id(x)] = (hit[0], hit[1], pair, True)
+            return pair
+        return hit[2]
+    rows = torch.linspace(0, x.shape[0] - 1, min(_SAMPLE_ROWS, x.shape[0])).long()
+    sample = x.index_select(0, rows)
+    looks_sparse = int(torch.count_nonzero(sample)) <= SPARSE_DENSITY * sample.numel()
+    _zeros_cache[id(x)] = (weakref.ref(x), x._version, None, looks_sparse)
+    while len(_zeros_cache) > _CACHE_SIZE:
+        _zeros_cache.popitem(last=False)
+    return None
+
+
 def scored_projection(x: Tensor, weight: Tensor, attn_l: Tensor, attn_r: Tensor, n_dst: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(feat (N, H*D), el (N, H), er (n_dst, H)) of a dense 2-D ``x`` (see :class:`_ScoredProjection`)."""
+    """(feat (N, H*D), el (N, H), er (n_dst, H)) of a dense 2-D ``x`` (see :class:`_ScoredProjection`);
+    features that are mostly zeros run as a sparse product (:func:`mostly_zero_csr`)."""
+    xs = None
+    if x.dtype == weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        xs = mostly_zero_csr(x)
+    if xs is not None:
+        return _SparseScoredProjection.apply(*xs, weight, attn_l, attn_r, n_dst)
     return _ScoredProjection.apply(x, weight, attn_l, attn_r, n_dst)
