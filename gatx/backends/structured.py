@@ -84,15 +84,17 @@ class _EdgesToDense(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, vals: Tensor, pos_edge: Tensor, edge_pos: Tensor, fill: float, full: bool) -> Tensor:
-        ext = vals if full else torch.cat([vals, vals.new_full((vals.shape[0], 1), fill)], 1)  # (C, E [+ 1])
+    def forward(ctx, vals: Tensor, pos_edge: Tensor, edge_pos: Tensor, fill: float, full: bool, single: bool) -> Tensor:
         ctx.save_for_backward(edge_pos)
+        if single and not full:  # each query in one slot: fill, then write the E edges (a third of P reads)
+            return vals.new_full((vals.shape[0], pos_edge.numel()), fill).index_copy_(1, edge_pos, vals)
+        ext = vals if full else torch.cat([vals, vals.new_full((vals.shape[0], 1), fill)], 1)  # (C, E [+ 1])
         return ext.index_select(1, pos_edge)  # (C, P)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         (edge_pos,) = ctx.saved_tensors
-        return grad.index_select(1, edge_pos), None, None, None, None
+        return grad.index_select(1, edge_pos), None, None, None, None, None
 
 
 class _FusedSDPA(torch.autograd.Function):
@@ -191,7 +193,8 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
         rows = vals.contiguous().view(vals.shape[0], -1, Kt)
         dense = tiling.blocks.to_blocks(rows) if tiling.blocks is not None else tiling.query_nodes(rows)
         return dense.view(vals.shape[0], -1), True
-    return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full), True
+    return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full,
+                               tiling.blocks is not None), True
 
 
 def sparse_attention(
