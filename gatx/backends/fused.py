@@ -104,10 +104,17 @@ def availability() -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result
 def _traced_availability() -> str:
-    """:func:`availability` for torch.compile's tracer (run once at trace time, a constant; "" = available)."""
+    """:func:`availability` for torch.compile's tracer: Dynamo calls it at trace time instead of tracing
+    it (the ctypes load and its lock cannot be traced) and takes the result as a constant ("" = available).
+
+    Marked by the flag ``torch.compiler.assume_constant_result`` sets, without importing
+    ``torch._dynamo`` (seconds, and it imports triton) when the fused backend is imported.
+    """
     return availability() or ""
+
+
+_traced_availability._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) -> list[str]:
