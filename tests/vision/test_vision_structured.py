@@ -21,6 +21,8 @@ GRAPHS = {
     "win 5x6 w7 s3": lambda: window_graph(5, 6, 7, 3),
     "win 1-D 12 w4": lambda: window_graph((12,), 4),  # dense layout = edge order: per-edge values used as given
     "win 1-D 8 w8": lambda: window_graph((8,), 8),  # one tile of all pairs (the temporal path's graph)
+    "na 35x21 k7": lambda: neighborhood_graph(35, 21, 7),  # halo windows: border tiles + one run of interior tiles
+    "win 3-D 4x6x6 s1": lambda: window_graph((4, 6, 6), (2, 3, 3), (1, 1, 1)),  # rolled blocks on 3 axes
 }
 
 
@@ -164,3 +166,44 @@ def test_structured_property(Y, X, k, d, w, s, window):
     ref = run(g, q, k_, v, "torch", attention, bias=bias)
     for a, b in zip(auto, ref):
         assert float((a - b).detach().abs().max()) < 1e-10
+
+
+def test_fast_paths_are_taken():
+    """The layouts the fast paths rely on: (shifted) windows as blocks of the rolled grid with keys laid
+    out like queries, unshifted windows' per-edge values as rows, neighborhood halos as strided windows."""
+    shifted = window_graph(8, 8, 4, 2).structure.tiling
+    assert shifted.blocks is not None and shifted.keys_are_queries and not shifted.full
+    assert [a.rotation for a in shifted.axes] == [2, 2]
+    plain = window_graph(8, 8, 4).structure.tiling
+    assert plain.blocks is not None and plain.keys_are_queries and plain.edge_rows
+    na = neighborhood_graph(35, 21, 7).structure.tiling
+    assert na.blocks is not None and na.halo is not None and not na.keys_are_queries
+    assert [r[:2] for r in na.halo.runs[0]] == [(0, 1), (1, 4), (4, 5)], na.halo.runs  # border tiles alone
+    assert neighborhood_graph(11, 9, 3, 2).structure.tiling.halo is None  # dilated: halos are not ranges
+
+
+@pytest.mark.parametrize("name", ["win 8x8 w4 s2", "win 3-D 4x6x6 s1", "na 13x10 k5", "na 35x21 k7"])  # 13x10: halo only
+def test_block_and_halo_moves_are_adjoint(name):
+    """to_blocks / from_blocks are inverse permutations and the halo gather's backward is its adjoint
+    (<gather(x), y> = <x, scatter(y)>); the backward of the backward is the move again (exact double backward)."""
+    tl = GRAPHS[name]().structure.tiling
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, tl.num_nodes, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    moves = ([tl.blocks.to_blocks] if tl.blocks is not None else []) + ([tl.halo.gather] if tl.halo is not None else [])
+    assert moves, f"{name}: no fast path to check"
+    if tl.blocks is not None:
+        y = tl.blocks.to_blocks(x)
+        assert torch.equal(tl.blocks.from_blocks(y), x), f"{name}: from_blocks(to_blocks(x)) != x"
+        assert torch.equal(y, x[:, tl.query_nodes.index]), f"{name}: slots hold the wrong nodes"
+    if tl.halo is not None:
+        keys = tl.halo.gather(x)
+        assert torch.equal(keys, x[:, tl.key_nodes.index]), f"{name}: halo windows differ from the key gather"
+    for move in moves:
+        out = move(x)
+        r = torch.randn(out.shape, generator=gen, dtype=torch.float64, requires_grad=True)
+        (back,) = torch.autograd.grad(out, x, r, create_graph=True)
+        err = float(((out * r).sum() - (x * back).sum()).detach())
+        assert abs(err) < 1e-10, f"{name}: {move.__name__} backward is not its adjoint ({err:.3g})"
+        z = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        (again,) = torch.autograd.grad(back, r, z)  # the backward of the backward: the move itself
+        assert torch.equal(again, move(z)), f"{name}: {move.__name__} double backward differs from the move"
