@@ -8,10 +8,13 @@ one batched matmul-softmax-matmul over all tiles with an additive mask (``-inf``
 query's key set, plus the per-edge ``bias`` scattered into place). Keys are read once per tile
 instead of once per query. When no (E, H) output or gradient is needed (no returned attention,
 dropout, edge weights, or bias that requires grad), that is one fused ``scaled_dot_product_attention``
-call with the mask (the flash kernel on CPU). Otherwise it is written out (matmul, softmax,
-matmul) and the backward is autograd's, except for the row gathers (keys into halos, per-edge
-values into the dense layout), whose backwards are gathers plus segment sums instead of scatter-adds.
-First-order gradients only (use ``backend="torch"`` for double backward).
+call with the mask (the flash kernel on CPU). With a bias that needs a gradient (relative position
+bias) it is :class:`_DenseAttention`: one score buffer, softmax in place, a hand-written backward.
+With dropout, edge weights or returned attention it is written out and the backward is autograd's.
+Data movement avoids index gathers where the grid allows: tiles that are blocks of the (rolled)
+grid (windows, shifted windows: Swin's roll + partition) are strided copies (``BlockPlan``), halos
+that are ranges per axis (neighborhoods) are strided windows (``HaloPlan``); otherwise rows are
+gathered, with gathers plus segment sums as backward. Gradients of any order are exact.
 
 The tiling is separable: a grid of 1, 2 or 3 axes (e.g. Y x X, node ``y * X + x``, row-major) and
 per axis a 1-D tiling; a query may attend a key iff, on every axis, the key's coordinate is allowed
