@@ -158,20 +158,21 @@ def markdown_section(rows: list[dict[str, Any]]) -> list[str]:
     by = {(r["case"], r["system"]): r for r in rows}
     out = ["## torch.compile vs eager (fwd+bwd, same run)", "",
            f"Compiler `{rows[0].get('compiler')}`; compile = wall time of the first call (tracing, code generation "
-           "and one fwd+bwd); speedup = eager median / compiled median; a fullgraph=False time is given only when "
-           "fullgraph=True failed.", "",
+           "and one fwd+bwd); times are median (min) ms; speedup = eager median / compiled median (the same for the "
+           "minima); a fullgraph=False time is given only when fullgraph=True failed.", "",
            "| case | eager ms | fullgraph=True ms | speedup | compile s | fullgraph=False ms | speedup | compile s | load avg |",
            "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for c in cases:
         e = by.get((c, "eager"), {})
-        cells = [c, f"{e['median_ms']:.1f}" if e.get("status") == "ok" else "-"]
+        cells = [c, f"{e['median_ms']:.1f} ({e['min_ms']:.1f})" if e.get("status") == "ok" else "-"]
         for system in SYSTEMS[1:]:
             r = by.get((c, system))
             if r is None:
                 cells += ["-", "-", "-"]
             elif r["status"] == "ok":
-                cells += [f"{r['median_ms']:.1f}", f"{r['speedup_vs_eager']:.2f}x", f"{r['compile_s']:.1f}"]
+                best = e["min_ms"] / r["min_ms"] if e.get("status") == "ok" else float("nan")
+                cells += [f"{r['median_ms']:.1f} ({r['min_ms']:.1f})", f"{r['speedup_vs_eager']:.2f}x ({best:.2f}x)", f"{r['compile_s']:.1f}"]
             else:
                 cells += [r["status"], "-", f"{r['compile_s']:.1f}" if "compile_s" in r else "-"]
                 notes.append(f"- {c}, {system}: {r['status']}: {r.get('reason', '')}")
