@@ -1,0 +1,214 @@
+"""Strided moves of the structured backend: grid rows to tiles without index gathers.
+
+:class:`BlockPlan`: tiles that are blocks of the grid rolled per axis (windows, Swin's shifted
+windows) are filled by a few strided copies, and emptied back by the inverse copies.
+:class:`HaloPlan`: key halos that are ranges per axis (neighborhoods) are strided windows of the
+grid; the adjoint adds them back. Each move is a pair of autograd Functions that are each other's
+backward, so gradients of any order are exact. Plans are built once per graph (see
+:func:`gatx.backends.structured_tiling.grid_tiling`) and hold only Python ints.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .structured_tiling import AxisTiling
+
+__all__ = ["BlockPlan", "HaloPlan"]
+
+@dataclass(frozen=True, eq=False)
+class BlockPlan:
+    """Grid rows <-> tiles that are blocks of the grid rolled by ``-rotation`` per axis, by strided copies.
+
+    For an (H, N, C) tensor with rows the grid nodes (row-major over ``shape``), :meth:`to_blocks`
+    gives (H, *nts, *Ts, C), flattened to (H, T * Qt, C): tile (t_0, ..) slot (j_0, ..) holds the
+    node at ``(t_a * T_a + j_a + r_a) % L_a`` per axis, i.e. Swin's roll and window partition in one
+    copy (no index tensor, no roll);
+    :meth:`from_blocks` is the inverse. ``boxes`` per axis: (t0, t1, j0, j1, p0), tiles [t0, t1) x
+    slots [j0, j1) that read positions p0, p0 + 1, ... (row-major); at most 3 per axis.
+    """
+
+    shape: tuple[int, ...]
+    nts: tuple[int, ...]
+    Ts: tuple[int, ...]
+    boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
+
+    @classmethod
+    def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
+        boxes = []
+        for a in axes:
+            L, T, r = a.length, a.queries.shape[1], a.rotation
+            out, pieces = [], [(0, L - r, r)] + ([(L - r, L, 0)] if r else [])  # slot range, first position
+            for lo, hi, p0 in pieces:
+                p = lo
+                while p < hi:
+                    t, j = divmod(p, T)
+                    n = (hi - p) // T if j == 0 else 0
+                    end = p + n * T if n else min(hi, (t + 1) * T)
+                    out.append((t, t + max(n, 1), j, j + (end - p if not n else T), p0 + p - lo))
+                    p = end
+            boxes.append(tuple(out))
+        return cls(tuple(a.length for a in axes), tuple(a.queries.shape[0] for a in axes),
+                   tuple(a.queries.shape[1] for a in axes), tuple(boxes))
+
+    def _pairs(self, grid: Tensor, tiles: Tensor):
+        """(grid piece, tile piece) views of every box combination, the grid piece permuted to tile layout."""
+        n = len(self.shape)
+        to_tiles = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
+        H, C = grid.shape[0], grid.shape[-1]
+        for combo in itertools.product(*self.boxes):
+            dst = tiles[(slice(None),) + tuple(slice(b[0], b[1]) for b in combo) + tuple(slice(b[2], b[3]) for b in combo)]
+            sizes = [(b[1] - b[0], b[3] - b[2]) for b in combo]
+            src = grid[(slice(None),) + tuple(slice(b[4], b[4] + m * w) for b, (m, w) in zip(combo, sizes))]
+            yield src.view(H, *[s for pair in sizes for s in pair], C).permute(to_tiles), dst
+
+    def to_blocks(self, x: Tensor) -> Tensor:
+        """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order)."""
+        return _ToBlocks.apply(x, self)
+
+    def from_blocks(self, x: Tensor) -> Tensor:
+        """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks`."""
+        return _FromBlocks.apply(x, self)
+
+
+def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ts), C)  # returned as is: not a view
+    for src, dst in plan._pairs(x.view(H, *plan.shape, C), out.view(H, *plan.nts, *plan.Ts, C)):
+        dst.copy_(src)
+    return out
+
+
+def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.shape), C)
+    for src, dst in plan._pairs(out.view(H, *plan.shape, C), x.reshape(H, *plan.nts, *plan.Ts, C)):
+        src.copy_(dst)
+    return out
+
+
+class _ToBlocks(torch.autograd.Function):
+    """A permutation of rows: its backward is :class:`_FromBlocks` and vice versa (exact at any order)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
+        ctx.plan = plan
+        return _to_blocks(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _FromBlocks.apply(grad, ctx.plan), None
+
+
+class _FromBlocks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
+        ctx.plan = plan
+        return _from_blocks(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _ToBlocks.apply(grad, ctx.plan), None
+
+
+@dataclass(frozen=True, eq=False)
+class HaloPlan:
+    """Key halos that are contiguous ranges per axis, read as strided windows of the grid (no index gather).
+
+    When every tile's halo on an axis is ``lo_t + arange(K)`` (neighborhoods without dilation), the
+    keys of all tiles are (H, *nts, *Ks, C) windows of the (H, *shape, C) grid. ``runs`` per axis:
+    (t0, t1, lo, stride), tiles [t0, t1) whose halos start at ``lo + (t - t0) * stride`` (the interior
+    tiles form one run, the clamped border tiles their own). :meth:`gather` copies the windows, run by
+    run; its adjoint adds them back (chunks of at most ``stride`` slots, so one add never overlaps).
+    """
+
+    shape: tuple[int, ...]
+    nts: tuple[int, ...]
+    Ks: tuple[int, ...]
+    runs: tuple[tuple[tuple[int, int, int, int], ...], ...]
+
+    @classmethod
+    def build(cls, axes: tuple[AxisTiling, ...]) -> "HaloPlan | None":
+        runs = []
+        for a in axes:
+            halo = a.halo
+            nt, K = halo.shape
+            if not torch.equal(halo, halo[:, :1] + torch.arange(K)):
+                return None
+            lo, out, t0 = halo[:, 0].tolist(), [], 0
+            while t0 < nt:
+                t1, step = t0 + 1, (lo[t0 + 1] - lo[t0] if t0 + 1 < nt else 0)
+                if t0 + 2 < nt and lo[t0 + 2] - lo[t0 + 1] != step:
+                    step = 0  # a border tile: alone, so that the interior tiles form one run
+                while t1 < nt and lo[t1] - lo[t1 - 1] == step and step > 0:
+                    t1 += 1
+                out.append((t0, t1, lo[t0], step if t1 - t0 > 1 else K))
+                t0 = t1
+            runs.append(tuple(out))
+        return cls(tuple(a.length for a in axes), tuple(a.halo.shape[0] for a in axes),
+                   tuple(a.halo.shape[1] for a in axes), tuple(runs))
+
+    def _windows(self, grid: Tensor, chunked: bool):
+        """(run box of the (H, *nts, *Ks, C) halo tensor, strided window view of ``grid``) pairs."""
+        n, st = len(self.shape), grid.stride()
+        for combo in itertools.product(*self.runs):
+            chunks = [[(c, min(c + r[3], K)) for c in range(0, K, r[3])] if chunked else [(0, K)]
+                      for r, K in zip(combo, self.Ks)]
+            for cs in itertools.product(*chunks):
+                size = [grid.shape[0]] + [r[1] - r[0] for r in combo] + [c1 - c0 for c0, c1 in cs] + [grid.shape[-1]]
+                stride = [st[0]] + [r[3] * st[1 + i] for i, r in enumerate(combo)] + [st[1 + i] for i in range(n)] + [st[-1]]
+                offset = grid.storage_offset() + sum((r[2] + c0) * st[1 + i] for i, (r, (c0, _)) in enumerate(zip(combo, cs)))
+                box = (slice(None),) + tuple(slice(r[0], r[1]) for r in combo) + tuple(slice(c0, c1) for c0, c1 in cs)
+                yield box, grid.as_strided(size, stride, offset)
+
+    def gather(self, x: Tensor) -> Tensor:
+        """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""
+        return _HaloGather.apply(x, self)
+
+
+def _halo_gather(plan: HaloPlan, x: Tensor) -> Tensor:
+    H, C = x.shape[0], x.shape[-1]
+    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ks), C)
+    tiles = out.view(H, *plan.nts, *plan.Ks, C)
+    for box, window in plan._windows(x.contiguous().view(H, *plan.shape, C), chunked=False):
+        tiles[box].copy_(window)
+    return out
+
+
+def _halo_scatter(plan: HaloPlan, y: Tensor) -> Tensor:
+    H, C = y.shape[0], y.shape[-1]
+    out = y.new_zeros(H, math.prod(plan.shape), C)
+    tiles = y.reshape(H, *plan.nts, *plan.Ks, C)
+    for box, window in plan._windows(out.view(H, *plan.shape, C), chunked=True):
+        window.add_(tiles[box])
+    return out
+
+
+class _HaloGather(torch.autograd.Function):
+    """Linear; its backward is :class:`_HaloScatter` (the adjoint) and vice versa: exact at any order."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, plan: HaloPlan) -> Tensor:
+        ctx.plan = plan
+        return _halo_gather(plan, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaloScatter.apply(grad, ctx.plan), None
+
+
+class _HaloScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: Tensor, plan: HaloPlan) -> Tensor:
+        ctx.plan = plan
+        return _halo_scatter(plan, y)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _HaloGather.apply(grad, ctx.plan), None
