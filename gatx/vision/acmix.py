@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..graph import Graph
+from .grid import static_shape
 from .unfold import unfold_graph
 
 __all__ = ["ACmix"]
@@ -150,7 +151,7 @@ class ACmix(nn.Module):
         pe = self.conv_p(position_grid(Y, X, dtype=x.dtype, device=x.device))  # (1, D, Y, X)
 
         # attention branch: dot attention with keys k - pe (the query's own pe term cancels)
-        graph = self.attention_graph(Y, X, x.device)
+        graph = self.attention_graph(*static_shape((Y, X)), x.device)  # one graph per map size, also when compiled
         Yo, Xo = graph.structure.out_height, graph.structure.out_width
         qn = q.reshape(B * Hd, D, Y, X)[:, :, ::s, ::s].reshape(B * Hd, D, Yo * Xo).permute(2, 0, 1)  # (Nq, B*Hd, D)
         kn = (k.reshape(B, Hd, D, Y, X) - pe.reshape(1, 1, D, Y, X)).reshape(B * Hd, D, N).permute(2, 0, 1)  # (N, B*Hd, D)

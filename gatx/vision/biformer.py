@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from .grid import static_shape
 from .routing import region_pool, routed_region_graph
 
 __all__ = ["BiLevelRoutingAttention"]
@@ -169,7 +170,7 @@ class BiLevelRoutingAttention(nn.Module):
             raise ValueError(
                 f"height and width must be divisible by n_win={n}, got {Y0}x{X0}; pad the input or pass auto_pad=True"
             )
-        Y, X = x.shape[1], x.shape[2]
+        Y, X = static_shape((x.shape[1], x.shape[2]))  # plain ints also under torch.compile with dynamic shapes
         H = self.num_heads
         q, k, v = self.qkv(x)  # (B, Y, X, qk_dim), (B, Y, X, qk_dim), (B, Y, X, C)
         graph = routed_region_graph(self.routes(q, k), (Y, X), n)  # B * Y * X nodes

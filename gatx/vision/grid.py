@@ -191,7 +191,10 @@ def _build_while_tracing(module: str, name: str, args: tuple) -> str:
             delattr(_TRACED, _TRACED.names.pop(next(iter(_TRACED.names))))
         _TRACED.count += 1
         _TRACED.names[key] = f"built_{_TRACED.count}"
-        setattr(_TRACED, _TRACED.names[key], getattr(sys.modules[module], name)(*args))
+        built = getattr(sys.modules[module], name)(*args)
+        if isinstance(built, Graph):  # made here, not in the trace: a cache filled while tracing fails a guard next call
+            built.csr(), built.csc()
+        setattr(_TRACED, _TRACED.names[key], built)
     return _TRACED.names[key]
 
 
@@ -216,6 +219,8 @@ def cached(builder: Callable[..., Any], *args: Any) -> Any:
 def static_shape(value: Any) -> Any:
     """Symbolic ints (dynamic shapes under torch.compile) as plain ints, specialised with a guard;
     tuples element-wise; anything else unchanged."""
+    if not torch.compiler.is_compiling():
+        return value
     if isinstance(value, (tuple, list)):
         return tuple(static_shape(v) for v in value)
     if isinstance(value, torch.SymInt):

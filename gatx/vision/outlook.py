@@ -4,11 +4,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
 from ..graph import Graph
+from .grid import static_shape
 from .unfold import fold, unfold_graph
 
 __all__ = ["OutlookAttention"]
@@ -23,6 +25,17 @@ def _check_input(x: Any, dim: int) -> None:
         raise ValueError(f"OutlookAttention needs a non-empty batch and map, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"OutlookAttention needs a floating-point input, got {x.dtype}")
+
+
+def _ceil_avg_pool(x: Tensor, s: int) -> Tensor:
+    """``F.avg_pool2d(x, s, s, ceil_mode=True)`` of (B, C, Y, X): a last window cut by the border averages its
+    pixels inside. Under torch.compile written as zero padding and a divide by the in-map fraction: inductor's
+    CPU backward of the ceil_mode pool gives wrong input gradients (torch 2.13, a 5 x 6 map, s = 2)."""
+    if not torch.compiler.is_compiling():
+        return F.avg_pool2d(x, s, s, ceil_mode=True)
+    pad = (0, (-x.shape[3]) % s, 0, (-x.shape[2]) % s)
+    inside = F.avg_pool2d(F.pad(x.new_ones(1, 1, x.shape[2], x.shape[3]), pad), s, s)  # (1, 1, Y_out, X_out)
+    return F.avg_pool2d(F.pad(x, pad), s, s) / inside
 
 
 class OutlookAttention(nn.Module):
@@ -121,12 +134,12 @@ class OutlookAttention(nn.Module):
         _check_input(x, self.dim)
         B, Y, X, C = x.shape
         H, D, N, k2 = self.num_heads, self.head_dim, Y * X, self.kernel_size ** 2
-        graph = self.unfold_graph(Y, X, x.device)
+        graph = self.unfold_graph(*static_shape((Y, X)), x.device)  # one graph per map size, also when compiled
         st = graph.structure
         v = self.v(x).view(B, N, H, D).transpose(0, 1).reshape(N, B * H, D)  # (N, B*H, D), b-major heads
         v = st.with_zero_node(v)  # (N + 1, B*H, D): the padding's zero row
         if self.stride > 1:
-            centre = F.avg_pool2d(x.permute(0, 3, 1, 2), self.stride, self.stride, ceil_mode=True).permute(0, 2, 3, 1)
+            centre = _ceil_avg_pool(x.permute(0, 3, 1, 2), self.stride).permute(0, 2, 3, 1)
         else:
             centre = x  # (B, Y_out, X_out, C)
         logits = self.attn(centre).view(B, st.num_windows, H, k2, k2)  # (B, windows, H, i, j)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import Graph
+from .grid import cached
 
 __all__ = ["UnfoldStructure", "fold", "unfold_graph"]
 
@@ -141,7 +142,7 @@ def unfold_graph(
             "use a smaller kernel_size or a larger input"
         )
     dev = str(torch.device(device)) if device is not None else "cpu"
-    return _unfold_graph(height, width, kernel_size, stride, padding, dilation, pad_mode, queries, dev)
+    return cached(_unfold_graph, height, width, kernel_size, stride, padding, dilation, pad_mode, queries, dev)
 
 
 @functools.lru_cache(maxsize=32)
