@@ -239,24 +239,36 @@ def sparse_attention(
                      return_attention=return_attention)
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """A copy whose backward makes the gradient contiguous (both torch.cond branches must agree on layouts)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
 def _finite_or_per_edge(checked: list[Tensor], res: Any, inputs: dict[str, Tensor | None], per_edge: Any) -> Any:
     """The check above under torch.compile: ``res`` when ``checked`` is all finite, else ``per_edge(inputs)``,
     as one ``torch.cond`` (both branches are compiled, the taken one runs). Its operands are contiguous
-    copies of the inputs (operands must not alias, and q, k, v are often views of one qkv tensor; both
-    branches must give their gradients the same layout). Outputs keep ``res``'s layout."""
+    copies of the inputs and of ``res`` (operands must not alias, and q, k, v are often views of one qkv
+    tensor; both branches must give outputs and gradients the same layouts): contiguous outputs."""
     outs = list(res) if isinstance(res, tuple) else [res]
     total = sum(t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in checked)
     names = [n for n, t in inputs.items() if t is not None]
 
-    def dense(*_: Tensor) -> list[Tensor]:
-        return [t.clone() for t in outs]
+    def dense(*operands: Tensor) -> list[Tensor]:
+        return [_ContiguousGrad.apply(t) for t in operands[len(names):]]
 
     def fallback(*operands: Tensor) -> list[Tensor]:
+        operands = tuple(_ContiguousGrad.apply(t) for t in operands[:len(names)])  # contiguous gradients in both
         got = per_edge({**inputs, **dict(zip(names, operands))})
-        got = list(got) if isinstance(got, tuple) else [got]
-        return [torch.empty_like(t).copy_(g) for t, g in zip(outs, got)]
+        return [t.clone(memory_format=torch.contiguous_format) for t in (got if isinstance(got, tuple) else [got])]
 
-    operands = tuple(inputs[n].clone(memory_format=torch.contiguous_format) for n in names)
+    operands = tuple(t.clone(memory_format=torch.contiguous_format) for t in [inputs[n] for n in names] + outs)
     picked = torch.cond(torch.isfinite(total), dense, fallback, operands)
     return tuple(picked) if isinstance(res, tuple) else picked[0]
 
@@ -295,7 +307,8 @@ def _tiled(
         Q = tl.query_nodes(q).view(H * T, Qt, D)
     if tl.keys_are_queries:
         K, V = blocks.to_blocks(k).view(H * T, Kt, D), blocks.to_blocks(v).view(H * T, Kt, Dv)
-    elif tl.halo is not None:  # each halo is a range per axis: strided windows of the grid, no gather
+    elif tl.halo is not None and not torch.compiler.is_compiling():  # each halo is a range per axis: strided
+        # windows of the grid, no gather (as_strided at storage offsets: not traced; compiled, key_nodes gathers)
         K, V = tl.halo.gather(k).view(H * T, Kt, D), tl.halo.gather(v).view(H * T, Kt, Dv)
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
