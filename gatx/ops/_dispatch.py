@@ -31,6 +31,8 @@ class BackendUnavailable(RuntimeError):
 def backend_module(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ValueError(f"backend must be None or one of {BACKENDS}, got {name!r}")
+    if torch.compiler.is_compiling():  # not via the cache: a dict filled during a trace is a guard that fails next call
+        return _import(name)
     mod = _modules.get(name)
     if mod is None:
         mod = _modules[name] = _import(name)
