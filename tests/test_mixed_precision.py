@@ -209,7 +209,7 @@ def test_autocast_through_layers(case):
         module = getattr(gatx, case)(16, 8, 4, residual=True)
         run, inputs = _graph_layer, (g, torch.randn(40, 16))
     elif case == "GATConv-sparse":  # torch's sparse matmuls have no bfloat16 kernels: projected in float32
-        g, x = hub_graph(n=40, e=300, hub=400), torch.randn(40, 16).relu().to_sparse_csr()
+        g, x = hub_graph(n=40, e=300, hub=400), torch.randn(40, 16).relu().to_sparse()
         module = gatx.GATConv(16, 8, 4, residual=True, feat_drop=0.3, head_feat_drop=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = module(g, x)  # training: per-head masks on the stored values
