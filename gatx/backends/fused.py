@@ -227,8 +227,8 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     db = torch.empty_like(bias) if need_b else None
     dw = torch.empty_like(ew) if need_w else None
     dk = dv = None
-    # the single pass groups dq's sums by thread; torch.use_deterministic_algorithms asks for passes 1 + 2,
-    # whose bits do not depend on the thread count
+    # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
+    # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
     if fwd_out is not None and g_attn is None and (need_k or need_v) and not torch.are_deterministic_algorithms_enabled():
         dk = torch.empty_like(k) if need_k else None
         dv = torch.empty_like(v) if need_v else None

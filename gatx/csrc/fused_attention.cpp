@@ -407,8 +407,8 @@ void backward_src(const Args<T>& A) {
 // delta[i] = sum_e p c da = <g[i], o[i]> (o = the forward's output; no attention gradient ga), then per
 // edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (thread 0 writes dq itself)
 // and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
-// With a fixed thread count the result repeats bit for bit; across thread counts dq's last bits differ
-// (its partial sums are grouped by thread), while passes 1 + 2 give the same bits on any thread count.
+// dq's partial sums are grouped by thread (rows handed out dynamically), so its last bits can differ
+// from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
 template <typename T, bool DOT, int HC, int DC>
 void backward_single(const Args<T>& A, int64_t n_dst) {
   const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
@@ -441,7 +441,9 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
     T* __restrict p = kd + H;
     T* __restrict da = p + H;
     T* __restrict dz = da + H;
-#pragma omp for schedule(static, chunk)  // fixed rows per thread: dq's partial sums repeat run to run
+// dynamic: under contention (other processes on the cores) static chunks wait for a descheduled thread
+    // (measured 100k nodes, load 9: a GAT layer's fwd+bwd 4.46 s static, 2.98 s dynamic)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t j = 0; j < A.n_rows; ++j) {
       const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
       const T* vj = A.v + j * H * Dv;

@@ -101,20 +101,18 @@ def test_single_pass_matches_reference_and_two_passes(dot, bias, weight, drop) -
             assert err < 1e-11, f"{label}: d{name} differs from the float64 reference by {err:.2e}"
 
 
-def test_single_pass_repeats_and_barely_depends_on_thread_count() -> None:
+def test_single_pass_barely_depends_on_thread_count() -> None:
     g = make_graph(2000, 1800, 40000, seed=3)  # (N + E) H (D + 1) > 2^21: several threads
     x = inputs(g, 8, 8, False, True, None, False, seed=4)
     threads = torch.get_num_threads()
     got = []
     try:
-        for n in (1, 2, 3, 2):
+        for n in (1, 2, 3):
             torch.set_num_threads(n)
             got.append(run_passes(g, x, False, 1.0, 0.2, 1.0, single=True))
     finally:
         torch.set_num_threads(threads)
-    for name, t in got[1].items():  # the same thread count twice: the same bits
-        assert torch.equal(got[3][name], t), f"d{name} differs between two runs on 2 threads"
-    for other in got[1:3]:  # dq's partial sums are grouped by thread: the last bits may differ
+    for other in got[1:]:  # dq's partial sums are grouped by thread: the last bits may differ
         for name, t in got[0].items():
             assert torch.allclose(other[name], t, rtol=1e-12, atol=1e-12), f"d{name} changes with the thread count"
 
@@ -127,3 +125,24 @@ def test_single_pass_refuses_an_attention_gradient() -> None:
     with pytest.raises(ValueError, match="no attention gradient"):
         fused._call(3, False, (csc.indptr, csc.dst, csc.perm, g.num_dst), x["q"], x["k"], x["v"], None, None, None, 1.0,
                     1.0, 0.2, stat, g=x["g"], ga=torch.zeros(g.num_edges, 2, dtype=torch.float64), o=x["g"])
+
+
+def test_deterministic_algorithms_give_the_same_bits_on_any_thread_count() -> None:
+    """torch.use_deterministic_algorithms(True): the fused backward runs passes 1 + 2 (no per-thread sums)."""
+    g = make_graph(2000, 1800, 40000, seed=7)
+    x = inputs(g, 8, 8, False, True, None, False, seed=8)
+    threads, was = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    got = []
+    try:
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [x[k].clone().requires_grad_() for k in ("q", "k", "v", "bias")]
+            out = gatx.ops.sparse_attention(g, *leaves[:3], score="additive", bias=leaves[3], backend="fused")
+            out.backward(x["g"])
+            got.append([t.grad for t in leaves])
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was)
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), *got):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads under deterministic algorithms"
