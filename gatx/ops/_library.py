@@ -45,6 +45,9 @@ from ..backends import fused as _fused
 
 __all__ = ["fused_attention", "fused_attention_backward"]
 
+# AOTAutograd's on-disk cache keys a compiled backward on the forward graph, which names only
+# gatx::fused_attention: a change to the backward (its op's arguments, _backward) must rename the ops,
+# or a cached graph calls the new backward op with the old arguments.
 _TENSORS = 12  # leading tensor arguments of fused_attention (graph tensors, q, k, v, bias, edge_weight, keep)
 
 
