@@ -223,7 +223,7 @@ def static_shape(value: Any) -> Any:
         return value
     if isinstance(value, (tuple, list)):
         return tuple(static_shape(v) for v in value)
-    if isinstance(value, torch.SymInt):
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):  # a symbolic size reads as int here
         from torch.fx.experimental.symbolic_shapes import guard_scalar
 
         return guard_scalar(value)
