@@ -337,7 +337,8 @@ def mostly_zero_csr(x: Tensor) -> tuple[Tensor, Tensor] | None:
     weight gradient 20 -> 0.6 ms.
     """
     if (x.requires_grad or x.dim() != 2 or x.layout != torch.strided or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64) or x.numel() < SPARSE_MIN_NUMEL):
+            or x.dtype not in (torch.float32, torch.float64) or x.numel() < SPARSE_MIN_NUMEL
+            or torch.compiler.is_compiling()):  # a density estimate is data-dependent: not while tracing
         return None
     hit = _zeros_cache.get(id(x))
     if hit is not None and hit[0]() is x and hit[1] == x._version:
