@@ -240,3 +240,29 @@ def test_compile_failure_is_recorded(bench_modules, monkeypatch) -> None:
     assert rows["compile[partial]"]["status"] == "ok" and rows["compile[partial]"]["max_rel_diff"] <= 1e-6
     md = "\n".join(bench_compile.markdown_section(list(rows.values())))
     assert "| breaks |" in md and "compile[fullgraph]: failed" in md
+
+
+def test_contention_bench_rows(tmp_path) -> None:
+    """``bench_contention.py --tiny``: both systems agreed, were timed quiet and beside a busy process,
+    and the busy process is gone afterwards (slowdown = contended / quiet median)."""
+    out = tmp_path / "contention.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    if rows[0]["status"] == "skipped":
+        pytest.skip(rows[0]["reason"])
+    assert {r["system"] for r in rows} == {"gatx", "dgl"}
+    for r in rows:
+        assert r["max_rel_diff"] <= 1e-3
+        assert r["slowdown"] == pytest.approx(r["contended_median_ms"] / r["quiet_median_ms"])
+        assert r["busy_processes"] == 1 and r["quiet_median_ms"] > 0
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if b"a.matmul(b)" in cmdline.read_bytes():
+                left.append(cmdline.parent.name)
+        except OSError:  # the process ended while we looked
+            pass
+    assert not left, f"busy processes left running: pids {left}"

@@ -1,0 +1,173 @@
+"""How much one GAT layer slows down when other processes compete for the cores: gatx against DGL.
+
+A shared machine rarely runs one job. This script times one GAT layer (8 heads x 8 features) forward
++ backward on a random graph (in-degree 20 plus a self-loop, as ``bench_gat.py``) for gatx
+(``backend=None``) and ``dgl.nn.GATConv`` (same weights, checked to agree first), twice:
+
+1. *quiet*: nothing else started by this script;
+2. *contended*: ``--busy`` extra processes beside it, each a single-threaded float32 GEMM loop
+   (another training job's compute and memory traffic), started before and stopped after the phase.
+
+The two systems are timed alternately (one call each, repeated), so a change of load during a phase
+hits both. Each system's *slowdown* is its contended median / its quiet median; the result to read
+is gatx's slowdown next to DGL's (issue goal: gatx's no worse). The 1-minute load average is recorded
+before each phase: the quiet phase is only quiet if nothing else runs on the machine.
+
+    python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
+    python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+from _harness import HelpFormatter, Skip, environment, load_average, log, max_diff, quiet_import_dgl, write_json
+from bench_gat import HEADS, OUT_FEATS, random_case
+
+# one busy neighbour: a single-threaded GEMM loop that runs until it is stopped
+BUSY_CODE = (
+    "import torch\n"
+    "torch.set_num_threads(1)\n"
+    "a = torch.randn(512, 512); b = torch.randn(512, 512)\n"
+    "while True:\n"
+    "    a.matmul(b)\n"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--nodes", type=int, default=100_000, help="random-graph node count")
+    p.add_argument("--in-feats", type=int, default=128, help="input width")
+    p.add_argument("--busy", type=int, default=2, help="busy processes started beside it in the contended phase")
+    p.add_argument("--reps", type=int, default=7, help="timed calls per system and phase (alternating)")
+    p.add_argument("--tiny", action="store_true", help="seconds: 2,000 nodes, 1 busy process, 3 reps (for tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write {env, rows} here (default: stdout)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.nodes, args.busy, args.reps = 2000, 1, 3
+    if args.nodes < 2 or args.busy < 1 or args.reps < 1:
+        p.error(f"--nodes must be >= 2, --busy and --reps >= 1; got {args.nodes}, {args.busy}, {args.reps}")
+    return args
+
+
+Runs = dict[str, tuple[Callable[[], Any], dict[str, Any]]]  # {system: (forward, {parameter name: parameter})}
+
+
+def systems(c: dict[str, Any]) -> Runs:
+    """gatx and DGL with the same weights (DGL's parameter names are gatx's)."""
+    import gatx
+
+    layer = gatx.GATConv(c["in_feats"], OUT_FEATS, HEADS)
+    graph = gatx.Graph(c["src"], c["dst"], c["n"], c["n"])
+    out = {"gatx": ((lambda: layer(graph, c["feat"])), dict(layer.named_parameters()))}
+    try:
+        dgl = quiet_import_dgl()
+    except ImportError as err:
+        raise Skip(f"DGL is not importable: {err}") from err
+    ref = dgl.nn.pytorch.GATConv(c["in_feats"], OUT_FEATS, HEADS)
+    ref.load_state_dict(layer.state_dict())
+    g = dgl.graph((c["src"], c["dst"]), num_nodes=c["n"])
+    out["dgl"] = ((lambda: ref(g, c["feat"])), dict(ref.named_parameters()))
+    return out
+
+
+def check(runs: Runs, gout: Any) -> float:
+    """Largest relative difference of DGL's output and gradients to gatx's."""
+    got = {}
+    for name, (forward, params) in runs.items():
+        for p in params.values():
+            p.grad = None
+        out = forward()
+        out.backward(gout)
+        got[name] = {"out": out.detach()} | {key: p.grad for key, p in params.items()}
+    return max_diff(got["dgl"], got["gatx"])[1]
+
+
+def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
+    """Seconds per fwd+bwd, the systems called alternately ``reps`` times (after one warm-up each)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(reps + 1):
+        for name, (forward, params) in runs.items():
+            for p in params.values():
+                p.grad = None
+            t0 = time.perf_counter()
+            forward().backward(gout)
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def start_busy(n: int) -> list[subprocess.Popen]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    time.sleep(1.0)  # let them import torch and reach their loop
+    dead = [p.returncode for p in procs if p.poll() is not None]
+    if dead:
+        stop_busy(procs)
+        raise RuntimeError(f"a busy process exited at once (codes {dead}); run {sys.executable} -c on its code to see why")
+    return procs
+
+
+def stop_busy(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.manual_seed(args.seed)
+    c = random_case(args.nodes, args.in_feats, args.seed)
+    c.update(n=args.nodes, in_feats=args.in_feats)
+    env = environment("cpu")
+    try:
+        runs = systems(c)
+    except Skip as err:
+        log(f"skipped: {err}")
+        write_json(args.json, env, [{"status": "skipped", "reason": str(err)}])
+        return 0
+    gout = torch.randn(args.nodes, HEADS, OUT_FEATS)
+    diff = check(runs, gout)
+    log(f"random-{args.nodes} ({c['src'].numel():,} edges), {torch.get_num_threads()} threads: "
+        f"DGL vs gatx max relative difference {diff:.2e}")
+    if not diff <= 1e-3:
+        raise SystemExit(f"DGL and gatx disagree (relative difference {diff:.2e}); not timing")
+    phases: dict[str, dict[str, Any]] = {}
+    for phase in ("quiet", "contended"):
+        load = load_average()
+        procs = start_busy(args.busy) if phase == "contended" else []
+        try:
+            times = timed(runs, gout, args.reps)
+        finally:
+            stop_busy(procs)
+        phases[phase] = {"load_avg_1min": load, "times": times}
+        log(f"  {phase:9s} (load {load}): " + ", ".join(
+            f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
+    rows = []
+    for name in runs:
+        quiet = statistics.median(phases["quiet"]["times"][name])
+        busy = statistics.median(phases["contended"]["times"][name])
+        rows.append({
+            "case": f"random-{args.nodes}", "system": name, "mode": "fwd+bwd", "status": "ok",
+            "threads": torch.get_num_threads(), "busy_processes": args.busy, "reps": args.reps,
+            "quiet_median_ms": 1e3 * quiet, "contended_median_ms": 1e3 * busy, "slowdown": busy / quiet,
+            "quiet_load_avg": phases["quiet"]["load_avg_1min"],
+            "contended_load_avg": phases["contended"]["load_avg_1min"], "max_rel_diff": diff,
+        })
+        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes")
+    write_json(args.json, env, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
