@@ -170,12 +170,12 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
     vis = Rows(rows, "vision")
     if vis.rows:
         out += ["## Local attention on image maps (B=2)", ""]
-        for group in ("neighborhood", "window"):
+        for group in ("neighborhood", "neighborhood-op", "window"):
             cases = [c for c in vis.cases if vis.first[c].get("group") == group]
             systems = [s for s in vis.systems if any(r["system"] == s and r.get("group") == group for r in vis.rows)]
             if cases:
                 out += [f"### {group} attention", ""] + _section(vis, "vision", systems, cases)
-        for group in ("neighborhood", "window"):
+        for group in ("neighborhood", "neighborhood-op", "window"):
             sub = Rows([r for r in rows if r.get("group") == group], "vision")
             if sub.cases:
                 out += [f"### {group} attention: ratios", ""] + ratio_table(sub, "vision")
