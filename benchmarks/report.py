@@ -152,6 +152,22 @@ def env_line(payload: dict[str, Any], short: bool = False) -> str:
     return line + f" (backends {', '.join(e.get('gatx_backends', []))}), {e.get('time')}{load} ({e.get('cpu_count')} cores)"
 
 
+def roofline_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every timed row that carries bench_gat's roofline fields: its distance to the machine's limit."""
+    timed = [r for r in rows if r.get("x_of_limit") is not None]
+    if not timed:
+        return []
+    first = timed[0]
+    out = ["**Distance to the machine's limit** (limit = minimum bytes / copy bandwidth + projection flops / "
+           f"GEMM rate, both measured in this run: copy {first['copy_gbps']:.1f} GB/s; see bench_gat.py)", "",
+           "| graph | system | mode | median ms | limit ms | x of the limit | achieved GB/s | achieved GFLOP/s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in timed:
+        out.append(f"| {r['case']} | {r['system']} | {r['mode']} | {_ms(r['median_ms'])} | {r['limit_ms']:.3g} | "
+                   f"{r['x_of_limit']:.2f} | {r['achieved_gbps']:.2f} | {r['achieved_gflops']:.2f} |")
+    return out + [""]
+
+
 def write_markdown(payload: dict[str, Any], path: Path) -> None:
     rows = payload["rows"]
     out = ["# gatx benchmarks", "", f"Environment: {env_line(payload)}.", "",
@@ -166,7 +182,7 @@ def write_markdown(payload: dict[str, Any], path: Path) -> None:
     if gat.rows:
         out += ["## One GAT layer, 8 heads x 8 features", ""]
         out += _section(gat, "gat", [s for s in gat.systems], gat.cases)
-        out += ratio_table(gat, "gat") + dense_reading(gat) + [""]
+        out += ratio_table(gat, "gat") + dense_reading(gat) + roofline_table(gat.rows) + [""]
     vis = Rows(rows, "vision")
     if vis.rows:
         out += ["## Local attention on image maps (B=2)", ""]
