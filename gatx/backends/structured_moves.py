@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
@@ -93,28 +93,31 @@ def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
     return out
 
 
-class _ToBlocks(torch.autograd.Function):
-    """A permutation of rows: its backward is :class:`_FromBlocks` and vice versa (exact at any order)."""
+def _adjoint_pair(name: str, move: Callable[[Any, Tensor], Tensor], adjoint_name: str,
+                  adjoint: Callable[[Any, Tensor], Tensor]) -> tuple[type, type]:
+    """Two autograd Functions ``f(x, plan) = move(plan, x)`` and ``g(y, plan) = adjoint(plan, y)`` for a
+    linear move and its adjoint: each one's backward is the other, so gradients are exact at any order."""
 
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
-        ctx.plan = plan
-        return _to_blocks(plan, x)
+    def function(fn_name: str, fn: Callable[[Any, Tensor], Tensor], other: list[type]) -> type:
+        def forward(ctx, x: Tensor, plan: Any) -> Tensor:
+            ctx.plan = plan
+            return fn(plan, x)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _FromBlocks.apply(grad, ctx.plan), None
+        def backward(ctx, grad: Tensor):
+            return other[0].apply(grad, ctx.plan), None
+
+        return type(fn_name, (torch.autograd.Function,), {
+            "forward": staticmethod(forward), "backward": staticmethod(backward),
+            "__doc__": f"``{fn.__name__}`` as an autograd Function; its backward is its adjoint."})
+
+    second: list[type] = []
+    first = function(name, move, second)
+    second.append(function(adjoint_name, adjoint, [first]))
+    return first, second[0]
 
 
-class _FromBlocks(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: BlockPlan) -> Tensor:
-        ctx.plan = plan
-        return _from_blocks(plan, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _ToBlocks.apply(grad, ctx.plan), None
+# a permutation of rows and its inverse (its adjoint)
+_ToBlocks, _FromBlocks = _adjoint_pair("_ToBlocks", _to_blocks, "_FromBlocks", _from_blocks)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,25 +193,5 @@ def _halo_scatter(plan: HaloPlan, y: Tensor) -> Tensor:
     return out
 
 
-class _HaloGather(torch.autograd.Function):
-    """Linear; its backward is :class:`_HaloScatter` (the adjoint) and vice versa: exact at any order."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, plan: HaloPlan) -> Tensor:
-        ctx.plan = plan
-        return _halo_gather(plan, x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _HaloScatter.apply(grad, ctx.plan), None
-
-
-class _HaloScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y: Tensor, plan: HaloPlan) -> Tensor:
-        ctx.plan = plan
-        return _halo_scatter(plan, y)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _HaloGather.apply(grad, ctx.plan), None
+# the halo windows' gather and its adjoint (windows added back)
+_HaloGather, _HaloScatter = _adjoint_pair("_HaloGather", _halo_gather, "_HaloScatter", _halo_scatter)
