@@ -157,6 +157,16 @@ class PeakMemory:
 
 
 # ---------------------------------------------------------------------------------- timing
+def cuda_missing(device: str) -> bool:
+    """True (and says so) when a CUDA device was asked for but torch sees none: the benchmark exits with 2."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        log("--device cuda was asked for but torch.cuda.is_available() is False")
+        return True
+    return False
+
+
 def synchronizer(device: str) -> Callable[[], None]:
     import torch
 

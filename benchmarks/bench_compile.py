@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from _harness import HelpFormatter, PeakMemory, environment, fwd_bwd, load_average, log, max_diff, measure, reexec_with_malloc_env, write_json
+from _harness import HelpFormatter, PeakMemory, cuda_missing, environment, fwd_bwd, load_average, log, max_diff, measure, reexec_with_malloc_env, write_json
 
 SYSTEMS = ("eager", "compile[fullgraph]", "compile[partial]")
 
@@ -184,10 +184,7 @@ def markdown_section(rows: list[dict[str, Any]]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        log("--device cuda was asked for but torch.cuda.is_available() is False")
+    if cuda_missing(args.device):
         return 2
     env = environment(args.device)
     env["load_avg_1min"] = load_average()

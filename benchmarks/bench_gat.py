@@ -32,7 +32,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from _harness import (HelpFormatter, Skip, check_and_time, copy_bandwidth, environment, fwd_bwd, gemm_rate, log,
+from _harness import (HelpFormatter, Skip, check_and_time, copy_bandwidth, cuda_missing, environment, fwd_bwd, gemm_rate, log,
                       progress, quiet_import_dgl, reexec_with_malloc_env, write_json)
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
@@ -291,10 +291,7 @@ def run_case(case: dict[str, Any], args: argparse.Namespace, env: dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        log("--device cuda was asked for but torch.cuda.is_available() is False")
+    if cuda_missing(args.device):
         return 2
     env = environment(args.device)
     env["copy_gbps"] = round(copy_bandwidth(args.device), 2)  # the roofline's bandwidth, measured in this run

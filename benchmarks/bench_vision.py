@@ -34,7 +34,7 @@ import gc
 import sys
 from typing import Any, Callable
 
-from _harness import HelpFormatter, Skip, check_and_time, environment, fwd_bwd, log, progress, reexec_with_malloc_env, write_json
+from _harness import HelpFormatter, Skip, check_and_time, cuda_missing, environment, fwd_bwd, log, progress, reexec_with_malloc_env, write_json
 
 STAGES = {1: (96, 3), 2: (192, 6)}  # Swin-T: stage -> (C, heads)
 
@@ -420,10 +420,7 @@ def run_op_group(cfg: tuple[int, int, int], args: argparse.Namespace, env: dict[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        log("--device cuda was asked for but torch.cuda.is_available() is False")
+    if cuda_missing(args.device):
         return 2
     env = environment(args.device)
     log(f"bench_vision on {env['device']}, {env['threads']} threads, torch {env['torch']}")

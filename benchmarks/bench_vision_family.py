@@ -297,12 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
+    from _harness import cuda_missing, write_json
 
-    from _harness import write_json
-
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        log("--device cuda was asked for but torch.cuda.is_available() is False")
+    if cuda_missing(args.device):
         return 2
     t0, load_start = time.perf_counter(), load_average()
     env = environment(args.device)
