@@ -332,6 +332,18 @@ void backward_dst(const Args<T>& A) {
   }
 }
 
+// The rows a src-row backward pass (B or single) reads for edge ea into dst node ia, a few edges ahead.
+template <typename T>
+inline void prefetch_src_pass_edge(const Args<T>& A, int64_t ia, int64_t ea, int64_t kw, int64_t H, int64_t Dv) {
+  prefetch_row(A.q + ia * kw, kw * sizeof(T));
+  prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
+  prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
+  if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
+  if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
+  if (A.keep) prefetch_row(A.keep + ea * H, H);
+  if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
+}
+
 // ---------------------------------------------------------------- backward pass B (rows = src nodes)
 // dv (out) (N_src, H, Dv) and dk (additive (N_src, H), dot (N_src, H, Dk)); nbr = dst of each edge
 template <typename T, bool DOT, int HC, int DC>
@@ -360,14 +372,7 @@ void backward_src(const Args<T>& A) {
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
         if (p0 + t + kAhead < n_edges) {
-          const int64_t ia = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
-          prefetch_row(A.q + ia * kw, kw * sizeof(T));
-          prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
-          prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
-          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
-          if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
-          if (A.keep) prefetch_row(A.keep + ea * H, H);
-          if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
+          prefetch_src_pass_edge(A, A.nbr[p0 + t + kAhead], A.eid[p0 + t + kAhead], kw, H, Dv);
         }
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
@@ -453,14 +458,9 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
         if (p0 + t + kAhead < n_edges) {
-          const int64_t ia = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
-          prefetch_row(A.q + ia * kw, kw * sizeof(T));
-          prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
-          prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
+          const int64_t ia = A.nbr[p0 + t + kAhead];
+          prefetch_src_pass_edge(A, ia, A.eid[p0 + t + kAhead], kw, H, Dv);
           if (dqt) prefetch_row(dqt + ia * kw, kw * sizeof(T));
-          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
-          if (A.keep) prefetch_row(A.keep + ea * H, H);
-          if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
         }
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
