@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from _harness import HelpFormatter, PeakMemory, cuda_missing, environment, fwd_bwd, load_average, log, max_diff, measure, reexec_with_malloc_env, write_json
+from _harness import HelpFormatter, cuda_missing, environment, fwd_bwd, load_average, log, max_diff, measure, peak_memory, allocator, write_json
 
 SYSTEMS = ("eager", "compile[fullgraph]", "compile[partial]")
 
@@ -113,8 +113,8 @@ def run_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def timed(system: str, fn: Callable[[], Any], extra: dict[str, Any]) -> dict[str, Any]:
-        with PeakMemory(args.device) as mem:
-            t = measure(lambda: fwd_bwd(fn, gout, params), args.device, args.warmup, args.reps, args.budget)
+        mem = peak_memory(lambda: fwd_bwd(fn, gout, params), args.device)
+        t = measure(lambda: fwd_bwd(fn, gout, params), args.device, args.warmup, args.reps, args.budget)
         row = dict(base, system=system, status="ok", **t, peak_mem_mib=mem.mib, mem_method=mem.method,
                    load_avg_1min=load_average(), **extra)
         log(f"  {system:<20s} {row['median_ms']:10.2f} ms (min {row['min_ms']:.2f}, {row['reps']} reps)"
@@ -204,5 +204,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_env()
+    allocator("reuse")
     sys.exit(main())

@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 from typing import Any, Callable
 
 from _harness import (HelpFormatter, Skip, check_and_time, copy_bandwidth, cuda_missing, environment, fwd_bwd, gemm_rate, log,
-                      progress, quiet_import_dgl, reexec_with_malloc_env, write_json)
+                      progress, quiet_import_dgl, allocator, write_json)
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
 FULL_SIZES = [32, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
@@ -322,5 +321,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_env()
+    allocator("reuse")
     sys.exit(main())

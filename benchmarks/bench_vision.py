@@ -34,7 +34,7 @@ import gc
 import sys
 from typing import Any, Callable
 
-from _harness import HelpFormatter, Skip, check_and_time, cuda_missing, environment, fwd_bwd, log, progress, reexec_with_malloc_env, write_json
+from _harness import HelpFormatter, Skip, check_and_time, cuda_missing, environment, fwd_bwd, log, progress, allocator, write_json
 
 STAGES = {1: (96, 3), 2: (192, 6)}  # Swin-T: stage -> (C, heads)
 
@@ -445,5 +445,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_env()
+    allocator("reuse")
     sys.exit(main())

@@ -46,7 +46,7 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _harness import (  # noqa: E402
-    HelpFormatter, check_and_time, environment, fwd_bwd, load_average, log, measure, progress, reexec_with_malloc_env,
+    HelpFormatter, check_and_time, environment, fwd_bwd, load_average, log, measure, progress, allocator,
 )
 
 BENCH = "vision_family"
@@ -326,5 +326,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_malloc_env()
+    allocator("reuse")
     sys.exit(main())
