@@ -234,6 +234,34 @@ def _diag_blocks(m: Tensor, heads: int) -> Tensor:
     return m.view(heads, heads, -1)[idx, idx].unsqueeze(0)
 
 
+def _stacked_grads(feat: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None], heads: int,
+                   n_dst: int) -> Tensor:
+    """(N, H*D + 2H): ``[g_feat | g_el | g_er]``, zeros where a gradient is None and below g_er's n_dst rows."""
+    N, hd = feat.shape
+    full = n_dst == N and all(g is not None for g in grads)
+    g_all = (feat.new_empty if full else feat.new_zeros)((N, hd + 2 * heads))
+    for g, lo, rows in zip(grads, (0, hd, hd + heads), (N, N, n_dst)):
+        if g is not None:
+            g_all[:rows, lo:lo + g.shape[1]] = g
+    return g_all
+
+
+def _weight_grad(p: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
+    """The weight's gradient (H*D, F) from ``p = [g_feat | g_el | g_er].t() @ x`` (H*D + 2H, F): the score
+    terms' rows fold through their block-diagonal attention matrices."""
+    H = attn_l.shape[1]
+    hd = p.shape[0] - 2 * H
+    return p[:hd] + head_blocks(attn_l) @ p[hd:hd + H] + head_blocks(attn_r) @ p[hd + H:]
+
+
+def _attn_grads(feat: Tensor, g_el: Tensor | None, g_er: Tensor | None, n_dst: int, need_l: bool,
+                need_r: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients (1, H, D) of attn_l and attn_r from the score terms' gradients (None where not needed)."""
+    gl = _diag_blocks(g_el.t() @ feat, g_el.shape[1]) if need_l and g_el is not None else None
+    gr = _diag_blocks(g_er.t() @ feat[:n_dst], g_er.shape[1]) if need_r and g_er is not None else None
+    return gl, gr
+
+
 class _ScoredProjection(torch.autograd.Function):
     """``feat = x @ weight.t()``, ``el = feat @ head_blocks(attn_l)``, ``er = feat[:n_dst] @ head_blocks(attn_r)``.
 
@@ -262,19 +290,14 @@ class _ScoredProjection(torch.autograd.Function):
         n, H = ctx.n_dst, attn_l.shape[1]
         need_x, need_w, need_l, need_r = ctx.needs_input_grad[:4]
         terms = [(g, a, rows) for g, a, rows in ((g_el, attn_l, None), (g_er, attn_r, n)) if g is not None]
-        gx = gw = gl = gr = None
+        gx = gw = None
         if need_x:
             gx = g_feat @ weight if g_feat is not None else x.new_zeros(x.shape)  # (N, F)
             for g, a, rows in terms:
                 (gx if rows is None else gx[:rows]).addmm_(g, (weight.t() @ head_blocks(a)).t())
-        if need_w:
-            gw = g_feat.t() @ x if g_feat is not None else weight.new_zeros(weight.shape)  # (H*D, F)
-            for g, a, rows in terms:
-                gw = gw + head_blocks(a) @ (g.t() @ (x if rows is None else x[:rows]))
-        if need_l and g_el is not None:
-            gl = _diag_blocks(g_el.t() @ feat, H)
-        if need_r and g_er is not None:
-            gr = _diag_blocks(g_er.t() @ feat[:n], H)
+        if need_w:  # one GEMM over x for all three terms: x is the largest operand
+            gw = _weight_grad(_stacked_grads(feat, (g_feat, g_el, g_er), H, n).t() @ x, attn_l, attn_r)
+        gl, gr = _attn_grads(feat, g_el, g_er, n, need_l, need_r)
         return gx, gw, gl, gr, None
 
 
@@ -295,21 +318,12 @@ class _SparseScoredProjection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None):
         weight, attn_l, attn_r, feat = ctx.saved_tensors
-        n, H, N = ctx.n_dst, attn_l.shape[1], feat.shape[0]
+        n, H = ctx.n_dst, attn_l.shape[1]
         need_w, need_l, need_r = ctx.needs_input_grad[2:5]
-        gw = gl = gr = None
+        gw = None
         if need_w:
-            g_all = feat.new_zeros((N, feat.shape[1] + 2 * H))  # (N, H*D + 2H): [g_feat | g_el | g_er]
-            for g, lo, rows in ((g_feat, 0, N), (g_el, feat.shape[1], N), (g_er, feat.shape[1] + H, n)):
-                if g is not None:
-                    g_all[:rows, lo:lo + g.shape[1]] = g
-            p = (ctx.xt @ g_all).t()  # (H*D + 2H, F)
-            hd = feat.shape[1]
-            gw = p[:hd] + head_blocks(attn_l) @ p[hd:hd + H] + head_blocks(attn_r) @ p[hd + H:]  # (H*D, F)
-        if need_l and g_el is not None:
-            gl = _diag_blocks(g_el.t() @ feat, H)
-        if need_r and g_er is not None:
-            gr = _diag_blocks(g_er.t() @ feat[:n], H)
+            gw = _weight_grad((ctx.xt @ _stacked_grads(feat, (g_feat, g_el, g_er), H, n)).t(), attn_l, attn_r)
+        gl, gr = _attn_grads(feat, g_el, g_er, n, need_l, need_r)
         return None, None, gw, gl, gr, None
 
 
