@@ -72,7 +72,7 @@ struct Args {
   const int64_t* indptr;
   const int64_t* nbr;   // the other endpoint of each edge, in row order
   const int64_t* eid;   // edge id of each edge in row order
-  const T* q;           // additive: (N_dst, H); dot: (N_dst, H, Dk)
+  const T* q;           // additive: (N_dst, H); dot: (N_dst, H, Dk); row i at q + i * q_stride
   const T* k;           // additive: (N_src, H); dot: (N_src, H, Dk)
   const T* v;           // (N_src, H, Dv)
   const T* bias;        // (E, H) or null
@@ -92,6 +92,7 @@ struct Args {
   const T* o;  // the single pass: the forward's output (N_dst, H, Dv)
   T* dq;       // the single pass: dq or null (additive (N_dst, H), dot (N_dst, H, Dk))
   int nthreads;
+  int64_t q_stride;  // H (additive) or H * Dk (dot), unless the single pass packs q with dq
 };
 
 template <typename T, int DC>
@@ -133,7 +134,7 @@ inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restr
   if (DOT) {
     const int64_t Dk = DC ? DC : A.Dk;  // specialised dot kernels have Dk == Dv (see run)
     const T scale = A.scale;
-    head_dots<T, HC, DC>(A.q + i * H * Dk, A.k + j * H * Dk, s, H, Dk);
+    head_dots<T, HC, DC>(A.q + i * A.q_stride, A.k + j * H * Dk, s, H, Dk);
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
       s[h] = s[h] * scale + (b ? b[h] : T(0));
@@ -141,7 +142,7 @@ inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restr
     }
   } else {
     const T slope = A.slope;
-    const T* __restrict qi = A.q + i * H;
+    const T* __restrict qi = A.q + i * A.q_stride;
     const T* __restrict kj = A.k + j * H;
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
@@ -345,23 +346,24 @@ void backward_dst(const Args<T>& A) {
 
 // The rows a src-row backward pass (B or single) reads for the edge at position pa (into dst node ia,
 // id ea): the dst rows kFar edges ahead into L2, everything kAhead edges ahead into L1. dqt: the single
-// pass's dq partial sums, or null.
+// pass's dq partial sums (rows dq_stride apart), or null.
 template <typename T>
 __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, int64_t pa, int64_t n_edges,
-                                                             const T* dqt, int64_t kw, int64_t H, int64_t Dv) {
+                                                             const T* dqt, int64_t dq_stride, int64_t kw, int64_t H,
+                                                             int64_t Dv) {
   if (pa + kFar < n_edges) {
     const int64_t ib = A.nbr[pa + kFar];
-    prefetch_row<2>(A.q + ib * kw, kw * sizeof(T));
+    prefetch_row<2>(A.q + ib * A.q_stride, kw * sizeof(T));
     prefetch_row<2>(A.g + ib * H * Dv, H * Dv * sizeof(T));
     prefetch_row<2>(A.stat + ib * 2 * H, 2 * H * sizeof(T));
-    if (dqt) prefetch_row<2>(dqt + ib * kw, kw * sizeof(T));
+    if (dqt) prefetch_row<2>(dqt + ib * dq_stride, kw * sizeof(T));
   }
   if (pa + kAhead < n_edges) {
     const int64_t ia = A.nbr[pa + kAhead], ea = A.eid[pa + kAhead];
-    prefetch_row(A.q + ia * kw, kw * sizeof(T));
+    prefetch_row(A.q + ia * A.q_stride, kw * sizeof(T));
     prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
     prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
-    if (dqt) prefetch_row(dqt + ia * kw, kw * sizeof(T));
+    if (dqt) prefetch_row(dqt + ia * dq_stride, kw * sizeof(T));
     if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
     if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
     if (A.keep) prefetch_row(A.keep + ea * H, H);
@@ -396,7 +398,7 @@ void backward_src(const Args<T>& A) {
       std::fill(acck.begin(), acck.end(), T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
-        prefetch_src_pass<T>(A, p0 + t, n_edges, nullptr, kw, H, Dv);
+        prefetch_src_pass<T>(A, p0 + t, n_edges, nullptr, 0, kw, H, Dv);
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         const T* gi = A.g + i * H * Dv;
@@ -412,7 +414,7 @@ void backward_src(const Args<T>& A) {
             dz[h] = a[h] * (c[h] * (da[h] + (ga ? ga[h] : T(0))) - delta_i[h]) * fac[h];
           if (DOT) {
             for (int64_t h = 0; h < H; ++h)
-              axpy<T, DC>(dz[h] * A.scale, A.q + (i * H + h) * Dk, acck.data() + h * Dk, Dk);
+              axpy<T, DC>(dz[h] * A.scale, A.q + i * A.q_stride + h * Dk, acck.data() + h * Dk, Dk);
           } else {
 #pragma omp simd
             for (int64_t h = 0; h < H; ++h) acck[h] += dz[h];
@@ -441,26 +443,48 @@ template <typename T, bool DOT, int HC, int DC>
 void backward_single(const Args<T>& A, int64_t n_dst) {
   const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
   const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
-  // the per-thread dq buffers stay under 1 GiB: fewer threads for a huge graph
-  const int64_t per_thread = std::max<int64_t>(1, n_dst * kw * int64_t(sizeof(T)));
+  // dq partial sums. Packed (additive scores, a row of q and dq within one cache line): every thread
+  // keeps rows [q_i | its dq_i] (64-byte aligned), so an edge's read of q_i and its add into dq_i touch
+  // one line, not two (100k nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in
+  // alternating runs). Otherwise thread t > 0
+  // adds into its own (n_dst, kw) slice and thread 0 into dq.
+  const bool pack = A.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
+  const int64_t qd = pack ? 2 * kw : kw;  // the partial sums' row stride
+  // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
+  const int64_t per_thread = std::max<int64_t>(1, n_dst * qd * int64_t(sizeof(T)));
   const int nt = A.dq ? static_cast<int>(std::min<int64_t>(A.nthreads, 1 + (int64_t(1) << 30) / per_thread))
                       : A.nthreads;
   T* dv = A.out;
   T* dbias = A.attn;
   T* dw = A.dw;
   T* stat = A.stat;
-  // dq partial sums: thread t > 0 adds into its own (n_dst, kw) slice, thread 0 into dq
-  std::vector<T> extra(A.dq && nt > 1 ? (nt - 1) * n_dst * kw : 0);
+  const int64_t slices = !A.dq ? 0 : pack ? nt : nt - 1;
+  std::vector<T> extra(slices * n_dst * qd + 64 / sizeof(T));
+  T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.data()) + 63) & ~uintptr_t(63));
   const int64_t chunk = chunk_for(A.n_rows, nt);
 #pragma omp parallel num_threads(nt)  // one region: delta and zeroed dq, the edges, the dq reduction
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_dst; ++i) {
       head_dots<T, HC, DC>(A.g + i * H * Dv, A.o + i * H * Dv, stat + i * 2 * H + H, H, Dv);
-      if (A.dq) std::fill(A.dq + i * kw, A.dq + (i + 1) * kw, T(0));
+      if (pack) {
+        for (int64_t t = 0; t < nt; ++t) {
+          T* row = base + (t * n_dst + i) * qd;
+          std::copy(A.q + i * kw, A.q + (i + 1) * kw, row);
+          std::fill(row + kw, row + qd, T(0));
+        }
+      } else if (A.dq) {
+        std::fill(A.dq + i * kw, A.dq + (i + 1) * kw, T(0));
+      }
     }
     const int tid = omp_get_thread_num();
-    T* __restrict dqt = !A.dq ? nullptr : tid == 0 ? A.dq : extra.data() + (tid - 1) * n_dst * kw;
+    Args<T> B = A;  // A, with q read from this thread's packed rows when packed
+    if (pack) {
+      B.q = base + tid * n_dst * qd;
+      B.q_stride = qd;
+    }
+    T* __restrict dqt = !A.dq ? nullptr : pack ? base + tid * n_dst * qd + kw
+                                      : tid == 0 ? A.dq : base + (tid - 1) * n_dst * kw;
     std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
     T* __restrict s = vec.data();
     T* __restrict fac = s + H;
@@ -480,8 +504,8 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
       std::fill(acck.begin(), acck.end(), T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
-        prefetch_src_pass<T>(A, p0 + t, n_edges, dqt, kw, H, Dv);
-        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
+        prefetch_src_pass<T>(B, p0 + t, n_edges, pack ? nullptr : dqt, qd, kw, H, Dv);  // packed: q's line
+        scores<T, DOT, HC, DC>(B, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         const T* gi = A.g + i * H * Dv;
         const T* lse_i = A.stat + i * 2 * H;
@@ -494,11 +518,11 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
         }
         if (DOT) {
           for (int64_t h = 0; h < H; ++h) {
-            if (A.dk) axpy<T, DC>(dz[h] * A.scale, A.q + (i * H + h) * Dk, acck.data() + h * Dk, Dk);
-            if (dqt) axpy<T, DC>(dz[h] * A.scale, kj + h * Dk, dqt + i * kw + h * Dk, Dk);
+            if (A.dk) axpy<T, DC>(dz[h] * A.scale, A.q + i * A.q_stride + h * Dk, acck.data() + h * Dk, Dk);
+            if (dqt) axpy<T, DC>(dz[h] * A.scale, kj + h * Dk, dqt + i * qd + h * Dk, Dk);
           }
         } else {
-          T* __restrict dqi = dqt ? dqt + i * kw : nullptr;
+          T* __restrict dqi = dqt ? dqt + i * qd : nullptr;
 #pragma omp simd
           for (int64_t h = 0; h < H; ++h) acck[h] += dz[h];
           if (dqi) {
@@ -525,11 +549,19 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
       if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
       if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * kw);
     }
-    if (nt > 1 && A.dq) {
+    if (pack) {
+#pragma omp for schedule(static)
+      for (int64_t x = 0; x < n_dst * kw; ++x) {
+        const int64_t at = (x / kw) * qd + kw + x % kw;
+        T acc = base[at];
+        for (int t = 1; t < nt; ++t) acc += base[t * n_dst * qd + at];
+        A.dq[x] = acc;
+      }
+    } else if (nt > 1 && A.dq) {
 #pragma omp for schedule(static)
       for (int64_t x = 0; x < n_dst * kw; ++x) {
         T acc = A.dq[x];
-        for (int t = 1; t < nt; ++t) acc += extra[(t - 1) * n_dst * kw + x];
+        for (int t = 1; t < nt; ++t) acc += base[(t - 1) * n_dst * kw + x];
         A.dq[x] = acc;
       }
     }
@@ -600,7 +632,7 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   if (check_indices(n_rows, n_other, n_edges, indptr, nbr, eid, threads) != 0) return 2;
   Args<T> A{n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, o, dq, threads};
+            out, attn, dk, dw, o, dq, threads, dot ? H * Dk : H};
   if (dot) run<T, true>(which, A, n_other);
   else run<T, false>(which, A, n_other);
   return 0;
