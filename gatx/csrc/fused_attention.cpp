@@ -446,8 +446,7 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
   // dq partial sums. Packed (additive scores, a row of q and dq within one cache line): every thread
   // keeps rows [q_i | its dq_i] (64-byte aligned), so an edge's read of q_i and its add into dq_i touch
   // one line, not two (100k nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in
-  // alternating runs). Otherwise thread t > 0
-  // adds into its own (n_dst, kw) slice and thread 0 into dq.
+  // alternating runs). Otherwise thread t > 0 adds into its own (n_dst, kw) slice and thread 0 into dq.
   const bool pack = A.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
   const int64_t qd = pack ? 2 * kw : kw;  // the partial sums' row stride
   // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
