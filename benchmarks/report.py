@@ -60,15 +60,26 @@ def _table(header: list[str], body: list[list[str]]) -> list[str]:
     ]
 
 
+VISION_HEAD = ["map", "k", "C/heads", "variant"]
+
+
+def _variant(r: dict[str, Any]) -> str:
+    """A window row's shift and flush-to-zero setting ("-" for rows without them)."""
+    parts = [f"shift {r['shift']}"] if r.get("shift") is not None and r.get("flush_denormal") is not None else []
+    if r.get("flush_denormal") is not None:
+        parts.append("FTZ on" if r["flush_denormal"] else "FTZ off")
+    return ", ".join(parts) or "-"
+
+
 def _case_cols(idx: Rows, case: str, bench: str) -> list[str]:
     r = idx.first[case]
     if bench == "gat":
         return [r["case"], f"{r['nodes']:,}", f"{r['edges']:,}"]
-    return [f"{r['map']}x{r['map']}", str(r["kernel"]), f"{r['dim']}/{r['heads']}"]
+    return [f"{r['map']}x{r['map']}", str(r["kernel"]), f"{r['dim']}/{r['heads']}", _variant(r)]
 
 
 def _section(idx: Rows, bench: str, systems: list[str], cases: list[str]) -> list[str]:
-    head = ["graph", "N", "E"] if bench == "gat" else ["map", "k", "C/heads"]
+    head = ["graph", "N", "E"] if bench == "gat" else VISION_HEAD
     out = []
     for mode, what in (("fwd+bwd", "forward + backward, median ms"), ("fwd", "forward (no_grad), median ms")):
         out += [f"**{what}**", ""]
@@ -82,10 +93,10 @@ def _section(idx: Rows, bench: str, systems: list[str], cases: list[str]) -> lis
 def ratio_table(idx: Rows, bench: str) -> list[str]:
     """Time of each other system / time of the best gatx backend, per case, from the same run."""
     others = [s for s in idx.systems if not s.startswith("gatx")]
-    head = (["graph", "N"] if bench == "gat" else ["map", "k", "C/heads"]) + ["best gatx (fwd+bwd / fwd)"] + others
+    head = (["graph", "N"] if bench == "gat" else VISION_HEAD) + ["best gatx (fwd+bwd / fwd)"] + others
     body = []
     for c in idx.cases:
-        cols = _case_cols(idx, c, bench)[: 2 if bench == "gat" else 3]
+        cols = _case_cols(idx, c, bench)[: 2 if bench == "gat" else 4]
         name_b, g_b = idx.best_gatx(c, "fwd+bwd")
         name_f, g_f = idx.best_gatx(c, "fwd")
         if g_b is None:
