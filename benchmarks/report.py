@@ -64,11 +64,11 @@ VISION_HEAD = ["map", "k", "C/heads", "variant"]
 
 
 def _variant(r: dict[str, Any]) -> str:
-    """A window row's shift and flush-to-zero setting ("-" for rows without them)."""
-    parts = [f"shift {r['shift']}"] if r.get("shift") is not None and r.get("flush_denormal") is not None else []
-    if r.get("flush_denormal") is not None:
-        parts.append("FTZ on" if r["flush_denormal"] else "FTZ off")
-    return ", ".join(parts) or "-"
+    """A window row's shift and flush-to-zero setting; "-" for other rows."""
+    if r.get("group") != "window" or r.get("shift") is None:
+        return "-"
+    ftz = r.get("flush_denormal")
+    return f"shift {r['shift']}" + ("" if ftz is None else ", FTZ on" if ftz else ", FTZ off")
 
 
 def _case_cols(idx: Rows, case: str, bench: str) -> list[str]:
