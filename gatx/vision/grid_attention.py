@@ -51,6 +51,34 @@ def fmt(value: Any) -> str:
     return str(tuple(value)) if isinstance(value, list) else str(value)
 
 
+class _HeadMajorQKV(torch.autograd.Function):
+    """(B, N, 3*H*D) qkv projection -> q, k, v of shape (N, B*H, D), transposed views of head-major copies.
+
+    The same values as ``qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B*H, N, D)`` unbound
+    into its three heads-first tensors, but the backward writes the three gradients straight into one
+    (B, N, 3, H, D) buffer: autograd through the unbind would stack them (a copy) and then copy the
+    permuted stack again for the projection's backward (measured at 56x56, B=2: ~6 ms of a 55 ms step).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, B: int, N: int, H: int, D: int):
+        t = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)  # (3, B*H, N, D)
+        ctx.shape = (B, N, H, D)
+        return t[0].transpose(0, 1), t[1].transpose(0, 1), t[2].transpose(0, 1)  # (N, B*H, D) each
+
+    @staticmethod
+    def backward(ctx, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None):
+        B, N, H, D = ctx.shape
+        ref = next(g for g in (gq, gk, gv) if g is not None)
+        out = ref.new_empty((B, N, 3, H, D))
+        for i, g in enumerate((gq, gk, gv)):
+            if g is None:
+                out[:, :, i].zero_()
+            else:  # (N, B*H, D) -> (B, N, H, D)
+                out[:, :, i].copy_(g.reshape(N, B, H, D).transpose(0, 1))
+        return out.view(B, N, 3 * H * D), None, None, None, None
+
+
 class _GridAttention(nn.Module):
     """Shared parameters and forward: qkv projection, graph attention with relative position bias, proj.
 
@@ -104,8 +132,7 @@ class _GridAttention(nn.Module):
         """Attention of (B, *spatial, C) tokens over ``graph`` (nodes row-major over spatial), bias from ``table``."""
         B, *S, C = x.shape
         H, D, N = self.num_heads, self.head_dim, math.prod(S)
-        qkv = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).reshape(3, B * H, N, D)  # (3, B*H, N, D)
-        q, k, v = (t.transpose(0, 1) for t in qkv)  # (N, B*H, D) each, head-major in memory
+        q, k, v = _HeadMajorQKV.apply(self.qkv(x).reshape(B, N, 3 * C), B, N, H, D)  # (N, B*H, D), head-major
         bias = None if table is None else graph.structure.relative_position_bias(table, B)  # (E, B*H)
         out = ops.sparse_attention(
             graph, q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop, training=self.training,
