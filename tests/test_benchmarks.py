@@ -120,6 +120,28 @@ def test_wrong_system_is_not_timed() -> None:
     assert rows[0]["max_rel_diff"] > 5e-3
 
 
+def test_peak_memory_phase_counts_a_buffer_allocated_and_freed_in_it() -> None:
+    """glibc's allocator switches, and a memory phase counts a 64 MiB buffer made and freed inside it
+    (after the same buffer was made and freed once before the phase).
+
+    Run in a subprocess: the allocator settings are process-wide."""
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(BENCH)!r})\n"
+        "from _harness import allocator, peak_memory\n"
+        "assert allocator('reuse')\n"
+        "def call():\n"
+        "    torch.ones(16 * 2**20).sum()\n"  # 64 MiB, freed at once
+        "call()\n"
+        "mem = peak_memory(call, 'cpu')\n"
+        "print(mem.method, mem.mib)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    method, mib = r.stdout.split()
+    assert method == "VmHWM-VmRSS" and 60 <= float(mib) <= 80, r.stdout
+
+
 def test_default_output_is_scratch(bench_modules) -> None:
     """By default results go to a fresh git-ignored folder; the committed results only when asked."""
     run = bench_modules[0]
