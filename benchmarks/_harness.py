@@ -149,15 +149,14 @@ class PeakMemory:
     def __enter__(self) -> "PeakMemory":
         import torch
 
-        if not self.cuda:
-            gc.collect()
-            allocator("strict")
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
             self.method = "cuda max_memory_allocated"
             return self
+        gc.collect()
+        allocator("strict")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset VmHWM to the current VmRSS

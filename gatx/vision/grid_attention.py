@@ -67,15 +67,11 @@ class _HeadMajorQKV(torch.autograd.Function):
         return t[0].transpose(0, 1), t[1].transpose(0, 1), t[2].transpose(0, 1)  # (N, B*H, D) each
 
     @staticmethod
-    def backward(ctx, gq: Tensor | None, gk: Tensor | None, gv: Tensor | None):
+    def backward(ctx, gq: Tensor, gk: Tensor, gv: Tensor):  # unused outputs arrive as zeros (materialized)
         B, N, H, D = ctx.shape
-        ref = next(g for g in (gq, gk, gv) if g is not None)
-        out = ref.new_empty((B, N, 3, H, D))
+        out = gq.new_empty((B, N, 3, H, D))
         for i, g in enumerate((gq, gk, gv)):
-            if g is None:
-                out[:, :, i].zero_()
-            else:  # (N, B*H, D) -> (B, N, H, D)
-                out[:, :, i].copy_(g.reshape(N, B, H, D).transpose(0, 1))
+            out[:, :, i].copy_(g.reshape(N, B, H, D).transpose(0, 1))  # (N, B*H, D) -> (B, N, H, D)
         return out.view(B, N, 3 * H * D), None, None, None, None
 
 
