@@ -182,10 +182,18 @@ void forward(const Args<T>& A) {
   const int64_t kw = DOT ? H * (DC ? DC : A.Dk) : H, n_edges = A.indptr[A.n_rows];
   const bool need_c = A.keep || A.ew;
   const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
+  T* const attn = A.attn;
+  const T* const v = A.v;
 #pragma omp parallel num_threads(A.nthreads)
   {
-    std::vector<T> buf, vec(6 * H), acc(H * Dv);
-    T* __restrict m = vec.data();
+    // the specialised kernels keep the per-row vectors and the accumulator on the stack, where the
+    // compiler can hold them in registers instead of storing and reloading them per edge through heap
+    // memory that other pointers might alias (100k nodes, 2 threads: forward 84-87 -> 76-80 ms, A/B)
+    std::vector<T> buf, vec(HC ? 0 : 6 * H), acc(DC && HC ? 0 : H * Dv);
+    alignas(64) T stk[HC ? 6 * HC : 1];
+    alignas(64) T acc_stk[HC && DC ? HC * DC : 1];
+    T* __restrict m = HC ? stk : vec.data();
+    T* __restrict accp = HC && DC ? acc_stk : acc.data();
     T* __restrict l = m + H;
     T* __restrict fac = l + H;
     T* __restrict c = fac + H;
@@ -235,17 +243,17 @@ void forward(const Args<T>& A) {
         lse_i[h] = m[h] + std::log(lh);
         l[h] = T(1) / lh;
       }
-      std::fill(acc.begin(), acc.end(), T(0));
+      std::fill(accp, accp + H * Dv, T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
         if (need_c) edge_factor<T, HC>(A, e, c, kd);
         const T* s = sb + t * H;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) a[h] = s[h] * l[h] * c[h];
-        if (A.attn) std::copy(a, a + H, A.attn + e * H);
-        head_axpy<T, HC, DC>(a, A.v + j * H * Dv, acc.data(), H, Dv);
+        if (attn) std::copy(a, a + H, attn + e * H);
+        head_axpy<T, HC, DC>(a, v + j * H * Dv, accp, H, Dv);
       }
-      std::copy(acc.begin(), acc.end(), out_i);
+      std::copy(accp, accp + H * Dv, out_i);
     }
   }
 }
