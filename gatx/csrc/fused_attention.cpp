@@ -443,7 +443,7 @@ void backward_src(const Args<T>& A) {
 // ---------------------------------------------------------------- the single backward pass (rows = src nodes)
 // Every gradient in one pass over the src rows, without the dst pass (and its gather of v per edge):
 // delta[i] = sum_e p c da = <g[i], o[i]> (o = the forward's output; no attention gradient ga), then per
-// edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (thread 0 writes dq itself)
+// edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (summed into dq at the end)
 // and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
 // dq's partial sums are grouped by thread (rows handed out dynamically), so its last bits can differ
 // from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
@@ -451,12 +451,12 @@ template <typename T, bool DOT, int HC, int DC>
 void backward_single(const Args<T>& A, int64_t n_dst) {
   const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
   const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
-  // dq partial sums. Packed (additive scores, a row of q and dq within one cache line): every thread
-  // keeps rows [q_i | its dq_i] (64-byte aligned), so an edge's read of q_i and its add into dq_i touch
-  // one line, not two (100k nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in
-  // alternating runs). Otherwise thread t > 0 adds into its own (n_dst, kw) slice and thread 0 into dq.
+  // dq partial sums: every thread adds into its own zeroed slice of (n_dst) rows, summed into dq at the end.
+  // Packed (additive scores, a row of q and dq within one cache line): a slice's rows are [q_i | dq_i]
+  // (64-byte aligned), so an edge's read of q_i and its add into dq_i touch one line, not two (100k
+  // nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in alternating runs).
   const bool pack = A.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
-  const int64_t qd = pack ? 2 * kw : kw;  // the partial sums' row stride
+  const int64_t qd = pack ? 2 * kw : kw, dq_at = pack ? kw : 0;  // a slice's row stride; dq's offset in a row
   // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
   const int64_t per_thread = std::max<int64_t>(1, n_dst * qd * int64_t(sizeof(T)));
   const int nt = A.dq ? static_cast<int>(std::min<int64_t>(A.nthreads, 1 + (int64_t(1) << 30) / per_thread))
@@ -465,23 +465,16 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
   T* dbias = A.attn;
   T* dw = A.dw;
   T* stat = A.stat;
-  const int64_t slices = !A.dq ? 0 : pack ? nt : nt - 1;
-  std::vector<T> extra(slices * n_dst * qd + 64 / sizeof(T));
+  std::vector<T> extra(A.dq ? nt * n_dst * qd + 64 / sizeof(T) : 0);  // zeroed
   T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.data()) + 63) & ~uintptr_t(63));
   const int64_t chunk = chunk_for(A.n_rows, nt);
-#pragma omp parallel num_threads(nt)  // one region: delta and zeroed dq, the edges, the dq reduction
+#pragma omp parallel num_threads(nt)  // one region: delta and the packed q rows, the edges, the dq reduction
   {
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_dst; ++i) {
       head_dots<T, HC, DC>(A.g + i * H * Dv, A.o + i * H * Dv, stat + i * 2 * H + H, H, Dv);
       if (pack) {
-        for (int64_t t = 0; t < nt; ++t) {
-          T* row = base + (t * n_dst + i) * qd;
-          std::copy(A.q + i * kw, A.q + (i + 1) * kw, row);
-          std::fill(row + kw, row + qd, T(0));
-        }
-      } else if (A.dq) {
-        std::fill(A.dq + i * kw, A.dq + (i + 1) * kw, T(0));
+        for (int64_t t = 0; t < nt; ++t) std::copy(A.q + i * kw, A.q + (i + 1) * kw, base + (t * n_dst + i) * qd);
       }
     }
     const int tid = omp_get_thread_num();
@@ -490,8 +483,7 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
       B.q = base + tid * n_dst * qd;
       B.q_stride = qd;
     }
-    T* __restrict dqt = !A.dq ? nullptr : pack ? base + tid * n_dst * qd + kw
-                                      : tid == 0 ? A.dq : base + (tid - 1) * n_dst * kw;
+    T* __restrict dqt = A.dq ? base + tid * n_dst * qd + dq_at : nullptr;
     std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
     T* __restrict s = vec.data();
     T* __restrict fac = s + H;
@@ -500,7 +492,7 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
     T* __restrict p = kd + H;
     T* __restrict da = p + H;
     T* __restrict dz = da + H;
-// dynamic: under contention (other processes on the cores) static chunks wait for a descheduled thread
+    // dynamic: under contention (other processes on the cores) static chunks wait for a descheduled thread
     // (measured 100k nodes, load 9: a GAT layer's fwd+bwd 4.46 s static, 2.98 s dynamic)
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t j = 0; j < A.n_rows; ++j) {
@@ -556,19 +548,12 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
       if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
       if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * kw);
     }
-    if (pack) {
+    if (A.dq) {
 #pragma omp for schedule(static)
       for (int64_t x = 0; x < n_dst * kw; ++x) {
-        const int64_t at = (x / kw) * qd + kw + x % kw;
+        const int64_t at = (x / kw) * qd + dq_at + x % kw;
         T acc = base[at];
         for (int t = 1; t < nt; ++t) acc += base[t * n_dst * qd + at];
-        A.dq[x] = acc;
-      }
-    } else if (nt > 1 && A.dq) {
-#pragma omp for schedule(static)
-      for (int64_t x = 0; x < n_dst * kw; ++x) {
-        T acc = A.dq[x];
-        for (int t = 1; t < nt; ++t) acc += base[(t - 1) * n_dst * kw + x];
         A.dq[x] = acc;
       }
     }
