@@ -43,6 +43,7 @@ _ALLOCATOR = {
     "reuse": {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 64 * 2**20},  # timing: glibc's dynamic ceiling
 }
 _libc: Any = None
+_mode: str | None = None  # the setting allocator() last made, None off glibc or before any
 
 
 def allocator(mode: str) -> bool:
@@ -51,7 +52,7 @@ def allocator(mode: str) -> bool:
     ``strict`` also returns the heap's free pages to the OS first, so a memory phase starts from a
     resident size that holds only live buffers.
     """
-    global _libc
+    global _libc, _mode
     if sys.platform != "linux":
         return False
     if _libc is None:
@@ -67,6 +68,7 @@ def allocator(mode: str) -> bool:
     ok = all(_libc.mallopt(k, v) == 1 for k, v in _ALLOCATOR[mode].items())
     if mode == "strict":
         _libc.malloc_trim(0)
+    _mode = mode if ok else None
     return ok
 
 
@@ -112,7 +114,7 @@ def environment(device: str) -> dict[str, Any]:
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
         "load_avg_1min": load_average(),
         "allocator": ("glibc: timed with freed buffers reused (mmap threshold 32 MiB), memory phases strict"
-                      if allocator("reuse") else "the platform's default (memory numbers may undercount reuse)"),
+                      if _mode == "reuse" else "the platform's default (memory numbers may undercount reuse)"),
     }
 
 

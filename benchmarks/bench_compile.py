@@ -113,8 +113,10 @@ def run_case(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def timed(system: str, fn: Callable[[], Any], extra: dict[str, Any]) -> dict[str, Any]:
-        mem = peak_memory(lambda: fwd_bwd(fn, gout, params), args.device)
-        t = measure(lambda: fwd_bwd(fn, gout, params), args.device, args.warmup, args.reps, args.budget)
+        def call() -> None:
+            fwd_bwd(fn, gout, params)
+        mem = peak_memory(call, args.device)
+        t = measure(call, args.device, args.warmup, args.reps, args.budget)
         row = dict(base, system=system, status="ok", **t, peak_mem_mib=mem.mib, mem_method=mem.method,
                    load_avg_1min=load_average(), **extra)
         log(f"  {system:<20s} {row['median_ms']:10.2f} ms (min {row['min_ms']:.2f}, {row['reps']} reps)"

@@ -26,7 +26,8 @@ import sys
 import time
 from typing import Any, Callable
 
-from _harness import HelpFormatter, Skip, environment, load_average, log, max_diff, quiet_import_dgl, write_json
+from _harness import (HelpFormatter, Skip, allocator, environment, fwd_bwd, load_average, log, max_diff, quiet_import_dgl,
+                      write_json)
 from bench_gat import HEADS, OUT_FEATS, random_case
 
 # one busy neighbour: a single-threaded GEMM loop that runs until it is stopped
@@ -81,10 +82,7 @@ def check(runs: Runs, gout: Any) -> float:
     """Largest relative difference of DGL's output and gradients to gatx's."""
     got = {}
     for name, (forward, params) in runs.items():
-        for p in params.values():
-            p.grad = None
-        out = forward()
-        out.backward(gout)
+        out = fwd_bwd(forward, gout, list(params.values()))
         got[name] = {"out": out.detach()} | {key: p.grad for key, p in params.items()}
     return max_diff(got["dgl"], got["gatx"])[1]
 
@@ -94,10 +92,8 @@ def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(reps + 1):
         for name, (forward, params) in runs.items():
-            for p in params.values():
-                p.grad = None
             t0 = time.perf_counter()
-            forward().backward(gout)
+            fwd_bwd(forward, gout, list(params.values()))
             if rep:
                 times[name].append(time.perf_counter() - t0)
     return times
@@ -170,4 +166,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    allocator("reuse")
     sys.exit(main())

@@ -46,7 +46,8 @@ from typing import Any, Callable
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _harness import (  # noqa: E402
-    HelpFormatter, check_and_time, environment, fwd_bwd, load_average, log, measure, progress, allocator,
+    HelpFormatter, allocator, check_and_time, cuda_missing, environment, fwd_bwd, load_average, log, measure, progress,
+    write_json,
 )
 
 BENCH = "vision_family"
@@ -297,8 +298,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from _harness import cuda_missing, write_json
-
     if cuda_missing(args.device):
         return 2
     t0, load_start = time.perf_counter(), load_average()

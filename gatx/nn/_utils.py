@@ -236,7 +236,8 @@ def _diag_blocks(m: Tensor, heads: int) -> Tensor:
 
 def _stacked_grads(feat: Tensor, grads: tuple[Tensor | None, Tensor | None, Tensor | None], heads: int,
                    n_dst: int) -> Tensor:
-    """(N, H*D + 2H): ``[g_feat | g_el | g_er]``, zeros where a gradient is None and below g_er's n_dst rows."""
+    """(N, H*D + 2H): ``[g_feat | g_el | g_er]``, zeros where a gradient is None and below g_er's n_dst rows
+    (the sparse path's right-hand side: one sparse product for all three)."""
     N, hd = feat.shape
     full = n_dst == N and all(g is not None for g in grads)
     g_all = (feat.new_empty if full else feat.new_zeros)((N, hd + 2 * heads))
@@ -295,8 +296,11 @@ class _ScoredProjection(torch.autograd.Function):
             gx = g_feat @ weight if g_feat is not None else x.new_zeros(x.shape)  # (N, F)
             for g, a, rows in terms:
                 (gx if rows is None else gx[:rows]).addmm_(g, (weight.t() @ head_blocks(a)).t())
-        if need_w:  # one GEMM over x for all three terms: x is the largest operand
-            gw = _weight_grad(_stacked_grads(feat, (g_feat, g_el, g_er), H, n).t() @ x, attn_l, attn_r)
+        if need_w:  # a product over x per term: no (N, H*D + 2H) stack of the gradients is made
+            rows, widths = (x.shape[0], x.shape[0], n), (feat.shape[1], H, H)
+            p = torch.cat([g.t() @ x[:r] if g is not None else x.new_zeros((w, x.shape[1]))
+                           for g, w, r in zip((g_feat, g_el, g_er), widths, rows)])  # (H*D + 2H, F)
+            gw = _weight_grad(p, attn_l, attn_r)
         gl, gr = _attn_grads(feat, g_el, g_er, n, need_l, need_r)
         return gx, gw, gl, gr, None
 
