@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BlockPlan", "HaloPlan"]
 
+
 @dataclass(frozen=True, eq=False)
 class BlockPlan:
     """Grid rows <-> tiles that are blocks of the grid rolled by ``-rotation`` per axis, by strided copies.
