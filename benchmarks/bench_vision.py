@@ -387,7 +387,7 @@ def run_op_group(cfg: tuple[int, int, int], args: argparse.Namespace, env: dict[
 
     def gatx_call(backend: str | None) -> Any:
         q, kk, v = (t.transpose(0, 1) for t in qkv)  # (N, B*H, D) views
-        out = gatx.ops.sparse_attention(g, q, kk, v, scale=d ** -0.5, bias=st.relative_position_bias(table, b),
+        out = gatx.ops.sparse_attention(g, q, kk, v, scale=d ** -0.5, bias=st.table_bias(table, b),
                                         backend=backend)
         return out.transpose(0, 1)  # (B*H, N, D)
 

@@ -38,9 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import Graph
+from ..ops._bias import TableBias
 from .structured_tiling import AxisTiling, RowGather, Tiling, axis_tiling, grid_tiling
 
 NAME = "structured"
+TAKES_TABLE_BIAS = True  # a TableBias whose rows repeat in every tile stays one tile-sized block
 
 __all__ = ["AxisTiling", "RowGather", "Tiling", "axis_tiling", "grid_tiling", "reasons", "sparse_attention"]
 
@@ -73,7 +75,10 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     if q is not None and q.dim() != 3:
         out.append(f"the structured backend needs (N, H, D) queries, got {q.dim()} dimensions")
     bias = opts.get("bias")
-    if bias is not None and (bias.dim() != 2 or (q is not None and bias.shape[1] not in (1, q.shape[1]))):
+    if isinstance(bias, TableBias):
+        if q is not None and bias.heads not in (1, q.shape[1]):
+            out.append(f"the structured backend needs a TableBias with H or 1 heads, got {bias.heads}")
+    elif bias is not None and (bias.dim() != 2 or (q is not None and bias.shape[1] not in (1, q.shape[1]))):
         out.append(f"the structured backend needs bias of shape (E, H) or (E, 1), got {tuple(bias.shape)}")
     return out
 
@@ -134,40 +139,44 @@ class _FusedSDPA(torch.autograd.Function):
 
 
 class _DenseAttention(torch.autograd.Function):
-    """softmax(scale * Q K^T + add) V over (H*T) tiles, with a hand-written backward that allocates less.
+    """softmax(scale * Q K^T + add [+ mask]) V over (H*T) tiles, with a hand-written backward that allocates less.
 
-    ``add`` (1 or H, T, Qt, Kt) is the additive term (dense bias, -inf outside each query's keys).
+    ``add`` (A, T or 1, Qt, Kt), A dividing H, is the additive term: a dense bias (with -inf outside
+    each query's keys when it is per edge), or one tile's bias shared by all tiles (then ``mask``,
+    (1, T, Qt, Kt) or None when nothing is masked, holds the -inf). Head ``r * A + a`` reads ``add[a]``.
     The forward takes one (H*T, Qt, Kt) buffer: scores, then the softmax in place. The first-order
     backward takes one more: dA = dO V^T, turned into the score gradient in place (softmax backward);
-    that is also the gradient of ``add`` (summed over heads when it is shared). No autograd graph of
-    score-sized temporaries, no CopySlices. A backward that builds a graph (``create_graph=True``)
-    recomputes the attention written out from the saved inputs and differentiates that.
+    summed over the heads and tiles ``add`` is shared by, that is the gradient of ``add``. No autograd
+    graph of score-sized temporaries, no CopySlices. A backward that builds a graph
+    (``create_graph=True``) recomputes the attention written out from the saved inputs and
+    differentiates that.
     """
 
     @staticmethod
-    def forward(ctx, Q: Tensor, K: Tensor, V: Tensor, add: Tensor, scale: float) -> Tensor:
-        HT, Qt, _ = Q.shape
-        H, Kt = HT // add.shape[1], K.shape[1]
+    def forward(ctx, Q: Tensor, K: Tensor, V: Tensor, add: Tensor, mask: Tensor | None, scale: float, T: int) -> Tensor:
         s = torch.bmm(Q, K.transpose(1, 2))  # (H*T, Qt, Kt)
-        s4 = s.view(H, -1, Qt, Kt)
-        torch.add(add, s4, alpha=scale, out=s4)  # scale * q.k + bias, in place
+        s5 = _by_add(s, add, T)  # (H / A, A, T, Qt, Kt)
+        torch.add(add, s5, alpha=scale, out=s5)  # scale * q.k + bias, in place
+        if mask is not None:
+            s5.add_(mask)
         torch._softmax(s, -1, False, out=s)  # the attention, in place
-        ctx.save_for_backward(Q, K, V, add, s)
-        ctx.scale = scale
+        ctx.save_for_backward(Q, K, V, add, mask, s)
+        ctx.scale, ctx.T = scale, T
         return torch.bmm(s, V)  # (H*T, Qt, Dv)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        Q, K, V, add, a = ctx.saved_tensors
-        scale, want = ctx.scale, ctx.needs_input_grad
+        Q, K, V, add, mask, a = ctx.saved_tensors
+        scale, T, want = ctx.scale, ctx.T, ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
-            H = Q.shape[0] // add.shape[1]
-            s = torch.bmm(Q * scale, K.transpose(1, 2)).view(H, *add.shape[1:]) + add
+            s = _by_add(torch.bmm(Q * scale, K.transpose(1, 2)), add, T) + add
+            if mask is not None:
+                s = s + mask
             out = torch.bmm(torch.softmax(s, -1).view_as(a), V)
             inputs = [Q, K, V, add]
             wanted = [t for t, w in zip(inputs, want) if w]
             grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return tuple(next(grads) if w else None for w in want[:4]) + (None,)
+            return tuple(next(grads) if w else None for w in want[:4]) + (None, None, None)
         grad = grad.contiguous()
         gV = torch.bmm(a.transpose(1, 2), grad) if want[2] else None  # (H*T, Kt, Dv)
         ds = torch.bmm(grad, V.transpose(1, 2))  # (H*T, Qt, Kt): dA
@@ -176,10 +185,16 @@ class _DenseAttention(torch.autograd.Function):
         gK = torch.bmm(ds.transpose(1, 2), Q).mul_(scale) if want[1] else None
         gadd = None
         if want[3]:
-            gadd = ds.view(-1, *add.shape[1:])
-            if add.shape[0] != gadd.shape[0]:
-                gadd = gadd.sum(0, keepdim=True)
-        return gQ, gK, gV, gadd, None
+            ds5 = _by_add(ds, add, T)  # (H / A, A, T, Qt, Kt)
+            shared = [0] if ds5.shape[0] > 1 else []
+            shared += [2] if add.shape[1] != T else []  # one tile's bias for every tile
+            gadd = (ds5.sum(shared) if shared else ds5).view(add.shape)
+        return gQ, gK, gV, gadd, None, None, None
+
+
+def _by_add(s: Tensor, add: Tensor, T: int) -> Tensor:
+    """The (H*T, Qt, Kt) scores as (H / A, A, T, Qt, Kt), so that ``add`` (A, T or 1, Qt, Kt) broadcasts over them."""
+    return s.view(-1, add.shape[0], T, *s.shape[1:])
 
 
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
@@ -228,13 +243,15 @@ def sparse_attention(
     checked = list(res) if return_attention else [res]
     if not tiling_of(graph).full and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
         checked += [q, k]  # finite outputs, yet 0 * inf in the backward of a masked slot (e.g. a -inf key)
+    table = bias if isinstance(bias, TableBias) else None
     if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: torch.cond picks when it runs
-        inputs = dict(q=q, k=k, v=v, bias=bias, edge_weight=edge_weight)
+        inputs = dict(q=q, k=k, v=v, bias=table.table if table is not None else bias, edge_weight=edge_weight)
         return _finite_or_per_edge(checked, res, inputs, lambda t: _per_edge(
-            graph, t["q"], t["k"], t["v"], scale=scale, bias=t["bias"], edge_weight=t["edge_weight"],
-            dropout_p=dropout_p, return_attention=return_attention))
+            graph, t["q"], t["k"], t["v"], scale=scale, edge_weight=t["edge_weight"], dropout_p=dropout_p,
+            return_attention=return_attention, bias=table.per_edge(t["bias"]) if table is not None else t["bias"]))
     if _all_finite(checked):
         return res
+    bias = table.per_edge() if table is not None else bias
     return _per_edge(graph, q, k, v, scale=scale, bias=bias, edge_weight=edge_weight, dropout_p=dropout_p,
                      return_attention=return_attention)
 
@@ -313,18 +330,27 @@ def _tiled(
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
         V = tl.key_nodes(v).view(H * T, Kt, Dv)
-    dense_bias, fresh = None, False
-    if bias is not None:
+    plain = edge_weight is None and dropout_p == 0.0 and not return_attention
+    dense_bias, fresh, mask = None, False, None
+    rows = bias.tile_rows(tl) if isinstance(bias, TableBias) and plain else None
+    if rows is not None:  # every tile reads the same rows: one tile's bias, broadcast over the tiles (as Swin)
+        Ht = bias.table.shape[1]
+        dense_bias = bias.table.t().index_select(1, rows).view(Ht, 1, Qt, Kt)  # (Ht, 1, Qt, Kt)
+        mask = None if tl.full else tl.mask.to(Q.dtype)[None]  # (1, T, Qt, Kt)
+    elif bias is not None:
+        bias = bias.per_edge() if isinstance(bias, TableBias) else bias  # (E, H) or (E, 1)
         dense_bias, fresh = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf"))
         dense_bias = dense_bias.reshape(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
-    fused = (bias is None or not bias.requires_grad) and edge_weight is None and dropout_p == 0.0 and not return_attention
-    if fused:  # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
-        mask = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
-        o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), mask, scale)
+    if plain and (dense_bias is None or not dense_bias.requires_grad):
+        # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
+        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
+        add = add if mask is None else add + mask
+        A = add.shape[0]
+        o = _FusedSDPA.apply(*(t.view(-1, A, T, *t.shape[1:]) for t in (Q, K, V)), add, scale)
         o = o.reshape(H * T, Qt, Dv)
-    elif edge_weight is None and dropout_p == 0.0 and not return_attention:  # bias with gradient: the dense core
-        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
-        o = _DenseAttention.apply(Q, K, V, add, scale)  # (H*T, Qt, Dv)
+    elif plain:  # bias with gradient: the dense core
+        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
+        o = _DenseAttention.apply(Q, K, V, add, mask, scale, T)  # (H*T, Qt, Dv)
     else:
         Q = Q * scale
         if dense_bias is None:

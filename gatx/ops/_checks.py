@@ -101,6 +101,19 @@ def per_edge(t: Any, name: str, graph: Graph, heads: int, *, flat_is: str) -> Te
     return t.unsqueeze(1) if flat_is == "column" and t.dim() == 1 else t
 
 
+def table_bias(bias: Any, graph: Graph, heads: int) -> Tensor:
+    """A :class:`~gatx.ops.TableBias` for this graph (an index per edge, H or 1 heads); returns its table."""
+    table = check_tensor(bias.table, "bias.table", graph, "(R, H)")
+    E = graph.num_edges
+    if bias.num_edges != E:
+        raise ValueError(f"bias (a TableBias) must index one table row per edge, E={E}, got {bias.num_edges} indices")
+    if bias.heads not in (1, heads):
+        raise ValueError(
+            f"bias (a TableBias) must give H={heads} or 1 heads, got repeat={bias.repeat} x {bias.table.shape[1]} table columns"
+        )
+    return table
+
+
 def real(x: Any, name: str, *, lo: float | None = None, hi: float | None = None) -> float:
     """A finite real number (0-dim tensors without gradient are read as numbers)."""
     if isinstance(x, Tensor):

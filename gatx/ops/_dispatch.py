@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..graph import Graph
+from ._bias import TableBias
 
 log = logging.getLogger("gatx")
 
@@ -57,10 +58,21 @@ def _import(name: str) -> ModuleType:
     return mod
 
 
+def takes_table_bias(mod: ModuleType) -> bool:
+    """Whether a backend module takes a :class:`~gatx.ops.TableBias` as ``bias`` (else it gets the per-edge tensor)."""
+    return getattr(mod, "TAKES_TABLE_BIAS", False)
+
+
 def _reasons(name: str, graph: Graph, tensors: tuple[Tensor | None, ...], op: str, opts: dict[str, Any]) -> list[str]:
     if torch.compiler.is_compiling() and name in _UNTRACEABLE:
         return [_UNTRACEABLE[name]]
-    return backend_module(name).reasons(graph, *tensors, op=op, **opts)
+    mod = backend_module(name)
+    bias = opts.get("bias")
+    if isinstance(bias, TableBias) and not takes_table_bias(mod):  # it would get the (E, H) tensor: ask about that
+        per_edge = bias.stand_in()
+        tensors = tuple(per_edge if t is bias else t for t in tensors)
+        opts = {**opts, "bias": per_edge}
+    return mod.reasons(graph, *tensors, op=op, **opts)
 
 
 def select(backend: str | None, graph: Graph, *tensors: Tensor | None, op: str, **opts: Any) -> ModuleType:

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from ..graph import Graph
 from . import _checks as C
-from ._dispatch import backend_module, select
+from ._bias import TableBias
+from ._dispatch import backend_module, select, takes_table_bias
 
 __all__ = ["gat_score", "dot_score", "edge_softmax", "aggregate", "sparse_attention"]
 
@@ -157,7 +158,8 @@ def sparse_attention(
         v: (num_src, H, Dv) values.
         logits: (E, H) scores for ``score="given"``.
         bias: optional per-edge score term (relative position bias, edge features, a -inf mask):
-            (E, H), or (E, 1) / (E,) shared by all heads.
+            (E, H), or (E, 1) / (E,) shared by all heads; or a :class:`TableBias` (a table row per
+            edge, e.g. a relative position bias table) with H or 1 heads.
         edge_weight: optional (E,), (E, 1) or (E, H) factor applied after the softmax.
         dropout_p: dropout on the attention, a probability in [0, 1] (applied only if ``training``).
 
@@ -211,12 +213,19 @@ def sparse_attention(
     if score != "given":
         C.same_heads(q, k, "q", "k")
         C.same_heads(k, v, "k", "v")
-    if bias is not None:
-        bias = C.per_edge(bias, "bias", graph, H, flat_is="column")  # (E, H) or (E, 1)
+    values = None  # the bias's values: the per-edge tensor, or a TableBias's table (cast and dtype-checked)
+    if isinstance(bias, TableBias):
+        values = C.table_bias(bias, graph, H)
+    elif bias is not None:
+        values = C.per_edge(bias, "bias", graph, H, flat_is="column")  # (E, H) or (E, 1)
     if edge_weight is not None:
         edge_weight = C.per_edge(edge_weight, "edge_weight", graph, H, flat_is="weight")
-    q, k, v, logits, bias, edge_weight = _autocast(graph, q, k, v, logits, bias, edge_weight)
-    C.same_dtype(v=v, q=q, k=k, logits=logits, bias=bias, edge_weight=edge_weight)
+    q, k, v, logits, values, edge_weight = _autocast(graph, q, k, v, logits, values, edge_weight)
+    if not isinstance(bias, TableBias):
+        bias = values
+    elif values is not bias.table:
+        bias = bias.with_table(values)
+    C.same_dtype(v=v, q=q, k=k, logits=logits, bias=values, edge_weight=edge_weight)
     negative_slope = C.real(negative_slope, "negative_slope")
     dropout_p = C.real(dropout_p, "dropout_p", lo=0.0, hi=1.0)
     dropout_p = dropout_p if training else 0.0
@@ -225,6 +234,8 @@ def sparse_attention(
         dropout_p=dropout_p, return_attention=bool(return_attention),
     )
     mod = select(_pick(backend, H), graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
+    if isinstance(bias, TableBias) and not takes_table_bias(mod):
+        opts["bias"] = bias.per_edge()  # (E, H) or (E, 1)
     fused = getattr(mod, "sparse_attention", None)
     if fused is not None:
         return fused(graph, q, k, v, **opts)

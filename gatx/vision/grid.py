@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..backends.structured import RowGather, Tiling, axis_tiling, grid_tiling
 from ..graph import Graph
+from ..ops import TableBias
 
 __all__ = ["GridStructure", "neighborhood_graph", "window_graph"]
 
@@ -53,6 +54,8 @@ class GridStructure:
     ``rel_pos_index`` (E,) is the row of a ``(prod(2 * size - 1), H)`` bias table that each edge
     reads: the offsets shifted by ``size - 1`` and flattened row-major with radix ``2 * size - 1``
     (for 2-D: ``(dy + k - 1) * (2k - 1) + (dx + k - 1)``; Video Swin's 3-D index likewise).
+    ``tile_rows`` (Qt * Kt,) is the table row of every dense slot of the tiling when all tiles read
+    the same rows at their allowed slots (windows, shifted or not, that divide the sides), else None.
     """
 
     kind: str
@@ -65,6 +68,7 @@ class GridStructure:
     rel_pos_index: Tensor
     tiling: Tiling
     rel_pos_gather: RowGather
+    tile_rows: Tensor | None
 
     @property
     def ndim(self) -> int:
@@ -75,23 +79,23 @@ class GridStructure:
         """Rows of the relative position bias table: ``prod(2 * size - 1)``."""
         return math.prod([2 * s - 1 for s in self.size])  # a list: Dynamo traces no generator here
 
-    def relative_position_bias(self, table: Tensor, batch: int = 1) -> Tensor:
-        """Per-edge bias (E, batch * H) from a ``(table_size, H)`` table, repeated over a batch.
-
-        Head index ``b * H + h``, as when a batch is folded into the heads. Same values as
-        ``table[rel_pos_index].repeat(1, batch)``; the result is a transposed view of a head-major
-        (batch * H, E) tensor. The gather runs once, on (H, E), then repeats: the backward is a sum
-        over the batch and one segment sum into the table (not a scatter-add, nor a batch-sized gather).
-        """
-        if table.dim() != 2 or table.shape[0] != self.table_size:
+    def table_bias(self, table: Tensor, batch: int = 1) -> TableBias:
+        """The relative position bias of a ``(table_size, H)`` table as a :class:`~gatx.ops.TableBias`
+        for ``sparse_attention`` on this graph, repeated over a batch folded into the heads (head
+        ``b * H + h``). Its per-edge form equals ``table[rel_pos_index].repeat(1, batch)``, gathered
+        once on (H, E) with a segment-sum backward; on the structured backend, when all tiles read the
+        same rows, it stays one tile's bias (see ``tile_rows``)."""
+        if not isinstance(table, Tensor) or table.dim() != 2 or table.shape[0] != self.table_size:
+            got = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
             raise ValueError(
-                f"the relative position bias table must have shape ({self.table_size}, H) for size {_fmt(self.size)}, "
-                f"got {tuple(table.shape)}"
+                f"the relative position bias table must have shape ({self.table_size}, H) for size {_fmt(self.size)}, got {got}"
             )
-        per_edge = self.rel_pos_gather(table.t())  # (H, E)
-        if batch > 1:
-            per_edge = per_edge.repeat(batch, 1)  # (B*H, E)
-        return per_edge.t()  # (E, B*H)
+        return _GridBias(table, self, batch)
+
+    def relative_position_bias(self, table: Tensor, batch: int = 1) -> Tensor:
+        """Per-edge bias (E, batch * H) from a ``(table_size, H)`` table, repeated over a batch:
+        :meth:`table_bias`'s per-edge form, a transposed view of a head-major (batch * H, E) tensor."""
+        return self.table_bias(table, batch).per_edge()
 
     def __repr__(self) -> str:
         if self.kind == "neighborhood":
@@ -100,6 +104,33 @@ class GridStructure:
         else:
             extra = f"window_size={_fmt(self.size)}, shift={_fmt(self.shift)}"
         return f"GridStructure({self.kind}, {'x'.join(map(str, self.shape))}, {extra})"
+
+
+class _GridBias(TableBias):
+    """:meth:`GridStructure.table_bias`: the structure's row index (valid by construction, so not
+    re-checked), gathered with its :class:`RowGather`, and its ``tile_rows`` for its own tiling."""
+
+    def __init__(self, table: Tensor, structure: GridStructure, repeat: int) -> None:
+        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+            raise ValueError(f"batch must be an int >= 1, got {repeat!r}")
+        self.table, self.index, self.repeat = table, structure.rel_pos_index, repeat
+        self._structure = structure
+
+    def tile_rows(self, tiling: Any) -> Tensor | None:
+        return self._structure.tile_rows if tiling is self._structure.tiling else None
+
+    def _rows(self, table_t: Tensor) -> Tensor:
+        return self._structure.rel_pos_gather(table_t)  # (H, E)
+
+
+def _tile_rows(rel: Tensor, tiling: Tiling) -> Tensor | None:
+    """(Qt * Kt,) the table row of each dense slot when every tile reads the same rows wherever its slot
+    is allowed, else None (slots masked in every tile read row 0: the mask makes them -inf anyway)."""
+    T, Qt, Kt = tiling.mask.shape
+    dense = torch.cat([rel, rel.new_full((1,), -1)])[tiling.pos_edge].view(T, Qt * Kt)  # -1: masked
+    hi = dense.max(0).values
+    lo = torch.where(dense < 0, hi, dense).min(0).values
+    return hi.clamp(min=0) if bool((lo == hi).all()) else None
 
 
 # ------------------------------------------------------------------------------- arguments
@@ -315,7 +346,9 @@ def _build(kind: str, shape: tuple, size: tuple, dilation: tuple, shift: tuple, 
         rel = rel * (2 * size[a] - 1) + offsets[:, a] + size[a] - 1  # (E,)
     dev = torch.device(device)
     gather = RowGather.build(rel, math.prod(2 * s - 1 for s in size)).to(dev)
-    structure = GridStructure(kind, shape, size, dilation, shift, causal, offsets.to(dev), rel.to(dev), tiling.to(dev), gather)
+    rows = _tile_rows(rel, tiling)
+    structure = GridStructure(kind, shape, size, dilation, shift, causal, offsets.to(dev), rel.to(dev), tiling.to(dev),
+                              gather, None if rows is None else rows.to(dev))
     N = math.prod(shape)
     return Graph(src.to(dev), dst.to(dev), N, N, structure=structure)
 

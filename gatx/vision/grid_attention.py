@@ -3,7 +3,8 @@
 The modules run ``gatx.ops.sparse_attention`` (the kernel GATConv uses) on a cached grid graph. A
 batch shares one graph: the batch is folded into the heads, q / k / v of shape (N, B*H, D) with
 head index ``b * H + h`` (passed as transposed views of head-major (B*H, N, D) tensors, the layout
-the structured backend works in), and the (E, H) relative position bias is repeated over the batch.
+the structured backend works in), and the relative position bias table is repeated over the batch
+(a :class:`~gatx.ops.TableBias`: on windows, one tile's bias broadcast over the tiles).
 Subclasses give the graph (:meth:`_GridAttention.grid_graph`) and their repr head.
 """
 from __future__ import annotations
@@ -130,7 +131,7 @@ class _GridAttention(nn.Module):
         B, *S, C = x.shape
         H, D, N = self.num_heads, self.head_dim, math.prod(S)
         q, k, v = _HeadMajorQKV.apply(self.qkv(x).reshape(B, N, 3 * C), B, N, H, D)  # (N, B*H, D), head-major
-        bias = None if table is None else graph.structure.relative_position_bias(table, B)  # (E, B*H)
+        bias = None if table is None else graph.structure.table_bias(table, B)  # (E, B*H) values
         out = ops.sparse_attention(
             graph, q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop, training=self.training,
             backend=self.backend,
