@@ -6,7 +6,9 @@ query that sees it (k*k times for a k x k neighborhood). When a graph was built 
 tiles, each tile reads one *halo* of keys (the union of its queries' keys), and attention runs as
 one batched matmul-softmax-matmul over all tiles with an additive mask (``-inf`` outside each
 query's key set, plus the per-edge ``bias`` scattered into place). Keys are read once per tile
-instead of once per query. When no (E, H) output or gradient is needed (no returned attention,
+instead of once per query. A :class:`~gatx.ops.TableBias` whose rows are the same in every tile
+(a grid's relative position bias on windows) stays one tile's (H, Qt, Kt) block, added by
+broadcasting, its gradient summed over the tiles: Swin's formulation, no per-edge values. When no (E, H) output or gradient is needed (no returned attention,
 dropout, edge weights, or bias that requires grad), that is one fused ``scaled_dot_product_attention``
 call with the mask (the flash kernel on CPU). With a bias that needs a gradient (relative position
 bias) it is :class:`_DenseAttention`: one score buffer, softmax in place, a hand-written backward.
