@@ -53,7 +53,7 @@ from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention 
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
-_ABI = 4  # gatx_fused_abi_version() of the matching source
+_ABI = 5  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
 
 
@@ -71,7 +71,7 @@ def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
     fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
-                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
 
 
 def load() -> Any:
@@ -163,6 +163,19 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None and t.numel() else None
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as the kernel reads node rows: each row contiguous, rows ``t.stride(0)`` elements apart (a
+    column slice of a wider buffer, e.g. GATConv's [feat | el | er] projection, is read in place)."""
+    if t.dim() >= 2 and t.shape[0] > 1 and t.stride(0) >= t[0].numel() and t[0].is_contiguous():
+        return t
+    return t.contiguous()
+
+
+def _row_stride(t: Tensor | None, width: int) -> int:
+    """The row stride (elements) of a tensor that :func:`_rows` accepts; ``width`` where any stride will do."""
+    return t.stride(0) if t is not None and t.dim() >= 2 and t.shape[0] > 1 else width
+
+
 def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor, k: Tensor, v: Tensor,
           bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, keep_scale: float, scale: float,
           slope: float, stat: Tensor, *, g: Tensor | None = None, ga: Tensor | None = None,
@@ -183,10 +196,14 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     indptr, nbr, eid, n_other = rows
     H, Dv = v.shape[1], v.shape[2]
     Dk = q.shape[2] if dot else 1
+    kw = H * Dk  # the width of a row of q or k
+    # row strides of q, k, v, out, dk, dq (rows of each are contiguous: see _rows)
+    strides = (ctypes.c_int64 * 6)(_row_stride(q, kw), _row_stride(k, kw), _row_stride(v, H * Dv),
+                                   _row_stride(out, kw if which == 1 else H * Dv), _row_stride(dk, kw), _row_stride(dq, kw))
     rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
             _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
             keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
-            _ptr(o), _ptr(dq), torch.get_num_threads())
+            _ptr(o), _ptr(dq), strides, torch.get_num_threads())
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")
@@ -198,6 +215,7 @@ def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, 
                  want_attn: bool) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's forward over ``csr = (indptr, src, perm, num_src)``: (out (num_dst, H, Dv), the per-row
     log-sum-exp ``stat`` (num_dst, 2, H) that backward reads, attn (E, H), or (0, H) unless ``want_attn``)."""
+    q, k, v = _rows(q), _rows(k), _rows(v)
     indptr, src = csr[0], csr[1]
     H, Dv = v.shape[1], v.shape[2]
     num_dst = indptr.numel() - 1
@@ -211,35 +229,53 @@ def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, 
 def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, k: Tensor, v: Tensor,
                   bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, stat: Tensor, g_out: Tensor | None,
                   g_attn: Tensor | None, needs: tuple[bool, ...], dot: bool, scale: float, slope: float,
-                  keep_scale: float, fwd_out: Tensor | None = None) -> tuple[Tensor | None, ...]:
+                  keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False) -> tuple[Tensor | None, ...]:
     """First-order gradients (dq, dk, dv, dbias, dew), None where ``needs`` (five flags) is False.
 
     One kernel pass over the dst rows (``csr``) for q, bias and edge_weight, one over the src rows for
     k and v; ``csc`` is ``(indptr, dst, perm, num_dst)`` or a callable returning it (built only when
     k or v need a gradient). Given the forward's output ``fwd_out`` and no attention gradient, one
-    pass over the src rows computes them all (pass 3 of :func:`_call`: ~0.65x the time of the two)."""
+    pass over the src rows computes them all (pass 3 of :func:`_call`: ~0.65x the time of the two).
+
+    ``stacked``: when v, k and q are the column slices ``[v | k | q]`` of one buffer (GATConv's projection
+    :func:`gatx.nn._utils.scored_projection`), dv, dk and dq are written the same way into one new
+    buffer, so that the projection's backward runs one product for all three (see :func:`_stacked_grads`)."""
     need_q, need_k, need_v, need_b, need_w = needs
+    q, k, v = _rows(q), _rows(k), _rows(v)
     num_dst = csr[0].numel() - 1
     g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst,) + tuple(v.shape[1:]))
     g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
     args = (q, k, v, bias, ew, keep, keep_scale, scale, slope, stat)
-    dq = torch.empty_like(q) if need_q else None
+    grads = _stacked_grads(q, k, v) if stacked and need_q and need_k and need_v else None
+    dq, dk, dv = grads if grads is not None else (q.new_empty(q.shape) if need_q else None,
+                                                   k.new_empty(k.shape) if need_k else None,
+                                                   v.new_empty(v.shape) if need_v else None)
     db = torch.empty_like(bias) if need_b else None
     dw = torch.empty_like(ew) if need_w else None
-    dk = dv = None
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
     if fwd_out is not None and g_attn is None and (need_k or need_v) and not torch.are_deterministic_algorithms_enabled():
-        dk = torch.empty_like(k) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
         _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw)
         return dq, dk, dv, db, dw
     _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
     if need_k or need_v:
-        dk = torch.empty_like(k) if need_k else None
-        dv = torch.empty_like(v) if need_v else None
         _call(2, dot, csc() if callable(csc) else csc, *args, g=g_out, ga=g_attn, out=dv, dk=dk)
     return dq, dk, dv, db, dw
+
+
+def _stacked_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dq, dk, dv): column slices ``[dv | dk | dq]`` of one new (N, H*Dv + 2 * width of q) buffer when v,
+    k and q are laid out that way in one buffer (as many rows each, no gap between them), else None."""
+    N, S, it = v.shape[0], v.stride(0), v.element_size()
+    if N < 2 or k.shape[0] != N or q.shape[0] != N:
+        return None
+    widths = (v[0].numel(), k[0].numel(), q[0].numel())
+    if (S != sum(widths) or k.stride(0) != S or q.stride(0) != S
+            or k.data_ptr() != v.data_ptr() + widths[0] * it or q.data_ptr() != k.data_ptr() + widths[1] * it):
+        return None
+    buf = v.new_empty((N, S))
+    lo, hi = widths[0], widths[0] + widths[1]
+    return buf[:, hi:].view(q.shape), buf[:, lo:hi].view(k.shape), buf[:, :lo].view(v.shape)
 
 
 class _FusedAttention(torch.autograd.Function):
@@ -274,7 +310,7 @@ class _FusedAttention(torch.autograd.Function):
             return c.indptr, c.dst, c.perm, graph.num_dst
 
         grads = backward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), csc, q, k, v, bias, ew, keep, stat, g_out,
-                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out)
+                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out, stacked=True)
         return grads + (None,) * 7
 
 
@@ -354,7 +390,7 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
     half = v.dtype if v.dtype in _HALF else None
     if half is not None:  # the kernel's dtypes are float32 / float64: float32 copies in, results cast back
         q, k, v, bias, edge_weight = (t.float() if t is not None else None for t in (q, k, v, bias, edge_weight))
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = _rows(q), _rows(k), _rows(v)  # column slices of a wider buffer are read in place
     bias = bias.expand(E, H).contiguous() if bias is not None else None  # (E, H); (E, 1) broadcasts
     if edge_weight is not None and edge_weight.dim() == 2 and edge_weight.shape[1] == 1 and H != 1:
         edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads

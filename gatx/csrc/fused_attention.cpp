@@ -3,9 +3,13 @@
 //
 // Plain C++ with an extern "C" interface (no torch headers: ~15 s to compile, once); gatx builds it on
 // first use and loads it with ctypes (gatx/backends/fused.py). gatx.Graph validated the indices and
-// the Python side checks every shape before calling in; still, every call first checks that the row
-// offsets and ids are in range (one sequential pass, a few percent of the kernel) and returns 2
-// instead of reading out of bounds, so no index can crash the process.
+// the Python side checks every shape before calling in; still, every pass checks each row's offsets
+// before reading its edges and each edge's ids before using them (bad_row / bad_edge), and the call
+// returns 2 instead of reading out of bounds, so no index can crash the process.
+//
+// Node rows may be column slices of a wider buffer (row strides k_stride, v_stride, q_stride; and the
+// gradients' out_stride, dk_stride, dq_stride): GATConv's projection writes [v | k | q] side by side
+// in one (N, H*D + 2H) buffer, and its backward reads [dv | dk | dq] laid out the same way.
 //
 // Notation: row i (a dst node), edge e (original edge id), j = src of e, h head, D value width.
 //   additive: z = k[j,h] + q[i,h] (+ bias[e,h]),   s = z > 0 ? z : slope * z
@@ -24,6 +28,9 @@
 #include <vector>
 
 #include <omp.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -50,6 +57,37 @@ inline float fast_exp(float x) {
 }
 inline double fast_exp(double x) { return std::exp(x); }
 
+// log(x) for a positive normal float (a row's softmax normaliser, >= 1): x = m * 2^e with m in
+// [sqrt(1/2), sqrt(2)), log(m) by Cephes' logf polynomial (about 1 ulp). Branch free, so the loop over a
+// row's heads vectorises: one logf call per row and head took about a quarter of the forward's samples
+// on Cora-sized graphs.
+inline float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  float e = static_cast<float>(((bits >> 23) & 0xff) - 126);  // x = m * 2^e, m in [0.5, 1)
+  bits = (bits & 0x807fffff) | 0x3f000000;
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool low = m < 0.707106781186547524f;
+  e = low ? e - 1.0f : e;
+  m = (low ? m + m : m) - 1.0f;  // log(x) = e * log(2) + log(1 + m), |m| < 0.42
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += e * -2.12194440e-4f;
+  y += -0.5f * z;
+  return (m + y) + e * 0.693359375f;
+}
+inline double fast_log(double x) { return std::log(x); }
+
 // Gathers are the bottleneck (random rows of k / v / g): prefetch whole rows ahead, in two steps.
 // Measured (100k nodes, 2.1M random edges, H = D = 8, one thread): without prefetching, the two
 // backward passes take 2.3x longer; into L1 6 to 12 edges ahead are equally good. The backward
@@ -59,22 +97,37 @@ inline double fast_exp(double x) { return std::exp(x); }
 // forward gains nothing from it: its first loop over a row already fetches every v row that its
 // third loop reads.
 constexpr int64_t kAhead = 6, kFar = 32;
-template <int LEVEL = 3>  // 3: into L1, 2: into L2
-inline void prefetch_row(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, LEVEL);
+// Row `row` (elements `stride` apart) of `base`, `n` elements. The row ids ahead of the current edge are
+// not checked yet (bad_edge checks an id when its edge comes), so the address is computed in unsigned
+// integers (no pointer overflow); a prefetch never faults, whatever the address.
+template <int LEVEL = 3, typename T>  // 3: into L1, 2: into L2
+inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t n) {
+  const uintptr_t c = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(row) * stride * sizeof(T);
+  for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(c + off), 0, LEVEL);
+}
+
+// The bounds checks, fused into the passes (a separate pass over the 16 bytes of ids per edge cost 2-3 ms
+// a call at 2.1M edges): a row's offsets must satisfy 0 <= p0 <= p1 <= n_edges (with indptr[0] = 0 and
+// indptr[n_rows] = n_edges checked at entry, that is indptr non-decreasing), an edge's other endpoint
+// must lie in [0, n_other) and its id in [0, n_edges). A pass that finds a bad one skips the rest of its
+// rows and returns 2 (its outputs are then garbage, and the caller raises).
+inline bool bad_row(int64_t p0, int64_t p1, int64_t n_edges) { return p0 < 0 || p1 < p0 || p1 > n_edges; }
+inline bool bad_edge(int64_t other, int64_t e, int64_t n_other, int64_t n_edges) {
+  return (static_cast<uint64_t>(other) >= static_cast<uint64_t>(n_other)) |
+         (static_cast<uint64_t>(e) >= static_cast<uint64_t>(n_edges));
 }
 
 template <typename T>
 struct Args {
-  int64_t n_rows, H, Dk, Dv;
+  int64_t n_rows, n_other, H, Dk, Dv;  // n_other: the number of nodes on the other side (nbr's range)
   // rows of the pass: CSR by dst (forward, backward pass A) or by src (backward pass B)
   const int64_t* indptr;
   const int64_t* nbr;   // the other endpoint of each edge, in row order
   const int64_t* eid;   // edge id of each edge in row order
   const T* q;           // additive: (N_dst, H); dot: (N_dst, H, Dk); row i at q + i * q_stride
-  const T* k;           // additive: (N_src, H); dot: (N_src, H, Dk)
-  const T* v;           // (N_src, H, Dv)
+  const T* k;           // additive: (N_src, H); dot: (N_src, H, Dk); row j at k + j * k_stride
+  const T* v;           // (N_src, H, Dv); row j at v + j * v_stride
   const T* bias;        // (E, H) or null
   const T* ew;          // (E,) or (E, H) or null
   int ew_heads;         // 1 when ew is (E, H)
@@ -85,14 +138,15 @@ struct Args {
   const T* ga;          // (E, H) grad of the returned attention or null (backward)
   T* stat;              // (N_dst, 2, H): lse (written by forward), delta (written by pass A)
   // outputs
-  T* out;   // forward: (N_dst, H, Dv); pass A: dq or null; pass B: dv or null
+  T* out;   // forward: (N_dst, H, Dv); pass A: dq or null; pass B: dv or null (rows out_stride apart)
   T* attn;  // forward: (E, H) or null; pass A: dbias or null
-  T* dk;    // pass B: dk or null
+  T* dk;    // pass B: dk or null (rows dk_stride apart)
   T* dw;    // pass A and the single pass: dw or null
   const T* o;  // the single pass: the forward's output (N_dst, H, Dv)
-  T* dq;       // the single pass: dq or null (additive (N_dst, H), dot (N_dst, H, Dk))
+  T* dq;       // the single pass: dq or null (additive (N_dst, H), dot (N_dst, H, Dk)), rows dq_stride apart
   int nthreads;
-  int64_t q_stride;  // H (additive) or H * Dk (dot), unless the single pass packs q with dq
+  int64_t q_stride;  // H (additive) or H * Dk (dot) unless q is a column slice; the single pass packs q with dq
+  int64_t k_stride, v_stride, out_stride, dk_stride, dq_stride;  // row strides (elements)
 };
 
 template <typename T, int DC>
@@ -113,9 +167,27 @@ inline void head_axpy(const T* __restrict a, const T* __restrict x, T* __restric
   }
 }
 
+#ifdef __AVX__
+// <x[h, :], y[h, :]> of 8 heads x 8 floats: the 8 products' lane sums in one transposing tree of hadds
+// (the generic loop reduces each head on its own: 8 horizontal reductions per edge)
+inline void head_dots_8x8(const float* __restrict x, const float* __restrict y, float* __restrict out) {
+  __m256 p[8];
+  for (int h = 0; h < 8; ++h) p[h] = _mm256_mul_ps(_mm256_loadu_ps(x + 8 * h), _mm256_loadu_ps(y + 8 * h));
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));  // heads 0-3, per half
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));  // heads 4-7
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31)));
+}
+#endif
+
 // out[h] = <x[h, :], y[h, :]> for all heads
 template <typename T, int HC, int DC>
 inline void head_dots(const T* __restrict x, const T* __restrict y, T* __restrict out, int64_t H, int64_t D) {
+#ifdef __AVX__
+  if (std::is_same<T, float>::value && HC == 8 && DC == 8) {
+    return head_dots_8x8(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(y),
+                         reinterpret_cast<float*>(out));
+  }
+#endif
   const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
   for (int64_t h = 0; h < nh; ++h) {
     T acc = 0;
@@ -134,7 +206,7 @@ inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restr
   if (DOT) {
     const int64_t Dk = DC ? DC : A.Dk;  // specialised dot kernels have Dk == Dv (see run)
     const T scale = A.scale;
-    head_dots<T, HC, DC>(A.q + i * A.q_stride, A.k + j * H * Dk, s, H, Dk);
+    head_dots<T, HC, DC>(A.q + i * A.q_stride, A.k + j * A.k_stride, s, H, Dk);
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
       s[h] = s[h] * scale + (b ? b[h] : T(0));
@@ -143,7 +215,7 @@ inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restr
   } else {
     const T slope = A.slope;
     const T* __restrict qi = A.q + i * A.q_stride;
-    const T* __restrict kj = A.k + j * H;
+    const T* __restrict kj = A.k + j * A.k_stride;
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
       const T z = (kj[h] + qi[h]) + (b ? b[h] : T(0));
@@ -176,16 +248,22 @@ inline int64_t chunk_for(int64_t n, int nthreads) {
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
 // ---------------------------------------------------------------- forward (rows = dst nodes)
+// Returns 2 when an index is out of range (see bad_row), else 0.
 template <typename T, bool DOT, int HC, int DC>
-void forward(const Args<T>& A) {
-  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv;
-  const int64_t kw = DOT ? H * (DC ? DC : A.Dk) : H, n_edges = A.indptr[A.n_rows];
-  const bool need_c = A.keep || A.ew;
-  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
-  T* const attn = A.attn;
-  const T* const v = A.v;
-#pragma omp parallel num_threads(A.nthreads)
+int forward(const Args<T>& args) {
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv;
+  const int64_t kw = DOT ? H * (DC ? DC : args.Dk) : H, n_edges = args.indptr[args.n_rows];
+  const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
+  int bad = 0;
+#pragma omp parallel num_threads(args.nthreads) reduction(| : bad)
   {
+    const Args<T>& A = args;
+    const int64_t* __restrict indptr = A.indptr;
+    const int64_t* __restrict nbr = A.nbr;
+    const int64_t* __restrict eid = A.eid;
+    const T* __restrict v = A.v;
+    T* const attn = A.attn;
+    const bool need_c = A.keep || A.ew;
     // the specialised kernels keep the per-row vectors and the accumulator on the stack, where the
     // compiler can hold them in registers instead of storing and reloading them per edge through heap
     // memory that other pointers might alias (100k nodes, 2 threads: forward 84-87 -> 76-80 ms, A/B)
@@ -202,7 +280,11 @@ void forward(const Args<T>& A) {
     std::fill(c, c + H, T(1));
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < A.n_rows; ++i) {
-      const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
+      const int64_t p0 = indptr[i], deg = indptr[i + 1] - p0;
+      if (bad || bad_row(p0, p0 + deg, n_edges)) {
+        bad = 1;
+        continue;
+      }
       T* out_i = A.out + i * H * Dv;
       T* lse_i = A.stat + i * 2 * H;
       if (deg == 0) {
@@ -215,15 +297,22 @@ void forward(const Args<T>& A) {
       std::fill(m, m + H, T(kNegInf));
       for (int64_t t = 0; t < deg; ++t) {
         if (p0 + t + kAhead < n_edges) {
-          prefetch_row(A.k + A.nbr[p0 + t + kAhead] * kw, kw * sizeof(T));
-          if (A.bias) prefetch_row(A.bias + A.eid[p0 + t + kAhead] * H, H * sizeof(T));
-          prefetch_row(A.v + A.nbr[p0 + t + kAhead] * H * Dv, H * Dv * sizeof(T));  // for the second pass
+          const int64_t ja = nbr[p0 + t + kAhead];
+          prefetch_row(A.k, ja, A.k_stride, kw);
+          if (A.bias) prefetch_row(A.bias, eid[p0 + t + kAhead], H, H);
+          prefetch_row(v, ja, A.v_stride, H * Dv);  // for the third loop
+        }
+        const int64_t j = nbr[p0 + t], e = eid[p0 + t];
+        if (bad_edge(j, e, A.n_other, n_edges)) {
+          bad = 1;
+          break;
         }
         T* s = sb + t * H;
-        scores<T, DOT, HC, DC>(A, i, A.nbr[p0 + t], A.eid[p0 + t], s, fac);
+        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], s[h]);
       }
+      if (bad) continue;
       // a row whose scores are all -inf gets max 0 (its weights are then all 0), as the reference does
 #pragma omp simd
       for (int64_t h = 0; h < H; ++h) {
@@ -238,38 +327,44 @@ void forward(const Args<T>& A) {
           l[h] += s[h];
         }
       }
+      // two loops: GCC 12 does not vectorise the select and fast_log's in one ("control flow in loop")
+#pragma omp simd
+      for (int64_t h = 0; h < H; ++h) l[h] = l[h] > 0 ? l[h] : T(1);  // >= 1 (the max's term); 0: all -inf
+#pragma omp simd
       for (int64_t h = 0; h < H; ++h) {
-        const T lh = l[h] > 0 ? l[h] : T(1);
-        lse_i[h] = m[h] + std::log(lh);
-        l[h] = T(1) / lh;
+        lse_i[h] = m[h] + fast_log(l[h]);
+        l[h] = T(1) / l[h];
       }
       std::fill(accp, accp + H * Dv, T(0));
       for (int64_t t = 0; t < deg; ++t) {
-        const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
+        const int64_t j = nbr[p0 + t], e = eid[p0 + t];
         if (need_c) edge_factor<T, HC>(A, e, c, kd);
         const T* s = sb + t * H;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) a[h] = s[h] * l[h] * c[h];
         if (attn) std::copy(a, a + H, attn + e * H);
-        head_axpy<T, HC, DC>(a, v + j * H * Dv, accp, H, Dv);
+        head_axpy<T, HC, DC>(a, v + j * A.v_stride, accp, H, Dv);
       }
       std::copy(accp, accp + H * Dv, out_i);
     }
   }
+  return bad ? 2 : 0;
 }
 
 // ---------------------------------------------------------------- backward pass A (rows = dst nodes)
-// delta (into stat), dq (out; additive (N_dst, H), dot (N_dst, H, Dk)), dbias (attn), dw
+// delta (into stat), dq (out; additive (N_dst, H), dot (N_dst, H, Dk)), dbias (attn), dw; 2 on a bad index
 template <typename T, bool DOT, int HC, int DC>
-void backward_dst(const Args<T>& A) {
-  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
-  const int64_t qw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
-  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
-  T* dq = A.out;
-  T* dbias = A.attn;
-  T* dw = A.dw;
-#pragma omp parallel num_threads(A.nthreads)
+int backward_dst(const Args<T>& args) {
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
+  const int64_t qw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows];
+  const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
+  int bad = 0;
+#pragma omp parallel num_threads(args.nthreads) reduction(| : bad)
   {
+    const Args<T>& A = args;
+    T* dq = A.out;
+    T* dbias = A.attn;
+    T* dw = A.dw;
     std::vector<T> bp, bd, bf, vec(6 * H), dqv(qw);
     T* __restrict s = vec.data();
     T* __restrict fac = s + H;
@@ -281,6 +376,10 @@ void backward_dst(const Args<T>& A) {
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
+      if (bad || bad_row(p0, p0 + deg, n_edges)) {
+        bad = 1;
+        continue;
+      }
       const T* gi = A.g + i * H * Dv;
       const T* lse_i = A.stat + i * 2 * H;
       std::fill(delta, delta + H, T(0));
@@ -293,19 +392,23 @@ void backward_dst(const Args<T>& A) {
         const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
         if (p0 + t + kFar < n_edges) {
           const int64_t jf = A.nbr[p0 + t + kFar];
-          prefetch_row<2>(A.k + jf * qw, qw * sizeof(T));
-          prefetch_row<2>(A.v + jf * H * Dv, H * Dv * sizeof(T));
+          prefetch_row<2>(A.k, jf, A.k_stride, qw);
+          prefetch_row<2>(A.v, jf, A.v_stride, H * Dv);
         }
         if (p0 + t + kAhead < n_edges) {
           const int64_t ja = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
-          prefetch_row(A.k + ja * qw, qw * sizeof(T));
-          prefetch_row(A.v + ja * H * Dv, H * Dv * sizeof(T));
-          if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
-          if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
+          prefetch_row(A.k, ja, A.k_stride, qw);
+          prefetch_row(A.v, ja, A.v_stride, H * Dv);
+          if (A.bias) prefetch_row(A.bias, ea, H, H);
+          if (A.ga) prefetch_row(A.ga, ea, H, H);
+        }
+        if (bad_edge(j, e, A.n_other, n_edges)) {
+          bad = 1;
+          break;
         }
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
-        head_dots<T, HC, DC>(gi, A.v + j * H * Dv, da, H, Dv);
+        head_dots<T, HC, DC>(gi, A.v + j * A.v_stride, da, H, Dv);
         T* __restrict p = bp.data() + t * H;
         T* __restrict dat = bd.data() + t * H;
         T* __restrict ft = bf.data() + t * H;
@@ -327,6 +430,7 @@ void backward_dst(const Args<T>& A) {
           }
         }
       }
+      if (bad) continue;
       std::copy(delta, delta + H, A.stat + i * 2 * H + H);
       if (!dq && !dbias) continue;
       std::fill(dqi, dqi + qw, T(0));
@@ -341,15 +445,16 @@ void backward_dst(const Args<T>& A) {
         for (int64_t h = 0; h < H; ++h) dz[h] = p[h] * (c[h] * dat[h] - delta[h]) * ft[h];
         if (dbias) std::copy(dz, dz + H, dbias + e * H);
         if (DOT) {
-          for (int64_t h = 0; h < H; ++h) axpy<T, DC>(dz[h] * A.scale, A.k + (j * H + h) * Dk, dqi + h * Dk, Dk);
+          for (int64_t h = 0; h < H; ++h) axpy<T, DC>(dz[h] * A.scale, A.k + j * A.k_stride + h * Dk, dqi + h * Dk, Dk);
         } else {
 #pragma omp simd
           for (int64_t h = 0; h < H; ++h) dqi[h] += dz[h];
         }
       }
-      if (dq) std::copy(dqi, dqi + qw, dq + i * qw);
+      if (dq) std::copy(dqi, dqi + qw, dq + i * A.out_stride);
     }
   }
+  return bad ? 2 : 0;
 }
 
 // The rows a src-row backward pass (B or single) reads for the edge at position pa (into dst node ia,
@@ -361,35 +466,38 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
                                                              int64_t Dv) {
   if (pa + kFar < n_edges) {
     const int64_t ib = A.nbr[pa + kFar];
-    prefetch_row<2>(A.q + ib * A.q_stride, kw * sizeof(T));
-    prefetch_row<2>(A.g + ib * H * Dv, H * Dv * sizeof(T));
-    prefetch_row<2>(A.stat + ib * 2 * H, 2 * H * sizeof(T));
-    if (dqt) prefetch_row<2>(dqt + ib * dq_stride, kw * sizeof(T));
+    prefetch_row<2>(A.q, ib, A.q_stride, kw);
+    prefetch_row<2>(A.g, ib, H * Dv, H * Dv);
+    prefetch_row<2>(A.stat, ib, 2 * H, 2 * H);
+    if (dqt) prefetch_row<2>(dqt, ib, dq_stride, kw);
   }
   if (pa + kAhead < n_edges) {
     const int64_t ia = A.nbr[pa + kAhead], ea = A.eid[pa + kAhead];
-    prefetch_row(A.q + ia * A.q_stride, kw * sizeof(T));
-    prefetch_row(A.g + ia * H * Dv, H * Dv * sizeof(T));
-    prefetch_row(A.stat + ia * 2 * H, 2 * H * sizeof(T));
-    if (dqt) prefetch_row(dqt + ia * dq_stride, kw * sizeof(T));
-    if (A.bias) prefetch_row(A.bias + ea * H, H * sizeof(T));
-    if (A.ga) prefetch_row(A.ga + ea * H, H * sizeof(T));
-    if (A.keep) prefetch_row(A.keep + ea * H, H);
-    if (A.ew) prefetch_row(A.ew + ea * (A.ew_heads ? H : 1), sizeof(T));
+    prefetch_row(A.q, ia, A.q_stride, kw);
+    prefetch_row(A.g, ia, H * Dv, H * Dv);
+    prefetch_row(A.stat, ia, 2 * H, 2 * H);
+    if (dqt) prefetch_row(dqt, ia, dq_stride, kw);
+    if (A.bias) prefetch_row(A.bias, ea, H, H);
+    if (A.ga) prefetch_row(A.ga, ea, H, H);
+    if (A.keep) prefetch_row(A.keep, ea, H, H);
+    if (A.ew) prefetch_row(A.ew, ea, A.ew_heads ? H : 1, 1);
   }
 }
 
 // ---------------------------------------------------------------- backward pass B (rows = src nodes)
-// dv (out) (N_src, H, Dv) and dk (additive (N_src, H), dot (N_src, H, Dk)); nbr = dst of each edge
+// dv (out) (N_src, H, Dv) and dk (additive (N_src, H), dot (N_src, H, Dk)); nbr = dst of each edge; 2 on
+// a bad index
 template <typename T, bool DOT, int HC, int DC>
-void backward_src(const Args<T>& A) {
-  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
-  const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
-  const int64_t chunk = chunk_for(A.n_rows, A.nthreads);
-  T* dv = A.out;
-  T* dk = A.dk;
-#pragma omp parallel num_threads(A.nthreads)
+int backward_src(const Args<T>& args) {
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
+  const int64_t kw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows];
+  const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
+  int bad = 0;
+#pragma omp parallel num_threads(args.nthreads) reduction(| : bad)
   {
+    const Args<T>& A = args;
+    T* dv = A.out;
+    T* dk = A.dk;
     std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
     T* __restrict s = vec.data();
     T* __restrict fac = s + H;
@@ -401,12 +509,20 @@ void backward_src(const Args<T>& A) {
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t j = 0; j < A.n_rows; ++j) {
       const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
-      const T* vj = A.v + j * H * Dv;
+      if (bad || bad_row(p0, p0 + deg, n_edges)) {
+        bad = 1;
+        continue;
+      }
+      const T* vj = A.v + j * A.v_stride;
       std::fill(accv.begin(), accv.end(), T(0));
       std::fill(acck.begin(), acck.end(), T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
         prefetch_src_pass<T>(A, p0 + t, n_edges, nullptr, 0, kw, H, Dv);
+        if (bad_edge(i, e, A.n_other, n_edges)) {
+          bad = 1;
+          break;
+        }
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         const T* gi = A.g + i * H * Dv;
@@ -434,10 +550,12 @@ void backward_src(const Args<T>& A) {
           head_axpy<T, HC, DC>(a, gi, accv.data(), H, Dv);
         }
       }
-      if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
-      if (dk) std::copy(acck.begin(), acck.end(), dk + j * kw);
+      if (bad) continue;
+      if (dv) std::copy(accv.begin(), accv.end(), dv + j * A.out_stride);
+      if (dk) std::copy(acck.begin(), acck.end(), dk + j * A.dk_stride);
     }
   }
+  return bad ? 2 : 0;
 }
 
 // ---------------------------------------------------------------- the single backward pass (rows = src nodes)
@@ -446,35 +564,38 @@ void backward_src(const Args<T>& A) {
 // edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (summed into dq at the end)
 // and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
 // dq's partial sums are grouped by thread (rows handed out dynamically), so its last bits can differ
-// from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
+// from run to run on several threads; passes 1 + 2 give the same bits on any thread count. 2 on a bad index.
 template <typename T, bool DOT, int HC, int DC>
-void backward_single(const Args<T>& A, int64_t n_dst) {
-  const int64_t H = HC ? HC : A.H, Dv = DC ? DC : A.Dv, Dk = DC ? DC : A.Dk;
-  const int64_t kw = DOT ? H * Dk : H, n_edges = A.indptr[A.n_rows];
+int backward_single(const Args<T>& args) {
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
+  const int64_t kw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows], n_dst = args.n_other;
   // dq partial sums: every thread adds into its own zeroed slice of (n_dst) rows, summed into dq at the end.
   // Packed (additive scores, a row of q and dq within one cache line): a slice's rows are [q_i | dq_i]
   // (64-byte aligned), so an edge's read of q_i and its add into dq_i touch one line, not two (100k
   // nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in alternating runs).
-  const bool pack = A.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
+  const bool pack = args.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
   const int64_t qd = pack ? 2 * kw : kw, dq_at = pack ? kw : 0;  // a slice's row stride; dq's offset in a row
   // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
   const int64_t per_thread = std::max<int64_t>(1, n_dst * qd * int64_t(sizeof(T)));
-  const int nt = A.dq ? static_cast<int>(std::min<int64_t>(A.nthreads, 1 + (int64_t(1) << 30) / per_thread))
-                      : A.nthreads;
-  T* dv = A.out;
-  T* dbias = A.attn;
-  T* dw = A.dw;
-  T* stat = A.stat;
-  std::vector<T> extra(A.dq ? nt * n_dst * qd + 64 / sizeof(T) : 0);  // zeroed
+  const int nt = args.dq ? static_cast<int>(std::min<int64_t>(args.nthreads, 1 + (int64_t(1) << 30) / per_thread))
+                         : args.nthreads;
+  std::vector<T> extra(args.dq ? nt * n_dst * qd + 64 / sizeof(T) : 0);  // zeroed
   T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.data()) + 63) & ~uintptr_t(63));
-  const int64_t chunk = chunk_for(A.n_rows, nt);
-#pragma omp parallel num_threads(nt)  // one region: delta and the packed q rows, the edges, the dq reduction
+  const int64_t chunk = chunk_for(args.n_rows, nt);
+  int bad = 0;
+#pragma omp parallel num_threads(nt) reduction(| : bad)  // one region: delta and the packed q rows, the edges, the dq reduction
   {
+    const Args<T>& A = args;
+    T* dv = A.out;
+    T* dbias = A.attn;
+    T* dw = A.dw;
+    T* stat = A.stat;
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < n_dst; ++i) {
       head_dots<T, HC, DC>(A.g + i * H * Dv, A.o + i * H * Dv, stat + i * 2 * H + H, H, Dv);
       if (pack) {
-        for (int64_t t = 0; t < nt; ++t) std::copy(A.q + i * kw, A.q + (i + 1) * kw, base + (t * n_dst + i) * qd);
+        const T* qi = A.q + i * A.q_stride;
+        for (int64_t t = 0; t < nt; ++t) std::copy(qi, qi + kw, base + (t * n_dst + i) * qd);
       }
     }
     const int tid = omp_get_thread_num();
@@ -497,13 +618,21 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t j = 0; j < A.n_rows; ++j) {
       const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
-      const T* vj = A.v + j * H * Dv;
-      const T* kj = A.k + j * kw;
+      if (bad || bad_row(p0, p0 + deg, n_edges)) {
+        bad = 1;
+        continue;
+      }
+      const T* vj = A.v + j * A.v_stride;
+      const T* kj = A.k + j * A.k_stride;
       std::fill(accv.begin(), accv.end(), T(0));
       std::fill(acck.begin(), acck.end(), T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
         prefetch_src_pass<T>(B, p0 + t, n_edges, pack ? nullptr : dqt, qd, kw, H, Dv);  // packed: q's line
+        if (bad_edge(i, e, n_dst, n_edges)) {
+          bad = 1;
+          break;
+        }
         scores<T, DOT, HC, DC>(B, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         const T* gi = A.g + i * H * Dv;
@@ -545,95 +674,88 @@ void backward_single(const Args<T>& A, int64_t n_dst) {
           head_axpy<T, HC, DC>(p, gi, accv.data(), H, Dv);
         }
       }
-      if (dv) std::copy(accv.begin(), accv.end(), dv + j * H * Dv);
-      if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * kw);
+      if (bad) continue;
+      if (dv) std::copy(accv.begin(), accv.end(), dv + j * A.out_stride);
+      if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * A.dk_stride);
     }
     if (A.dq) {
 #pragma omp for schedule(static)
       for (int64_t x = 0; x < n_dst * kw; ++x) {
-        const int64_t at = (x / kw) * qd + dq_at + x % kw;
+        const int64_t row = x / kw, col = x % kw, at = row * qd + dq_at + col;
         T acc = base[at];
         for (int t = 1; t < nt; ++t) acc += base[t * n_dst * qd + at];
-        A.dq[x] = acc;
+        A.dq[row * A.dq_stride + col] = acc;
       }
     }
   }
+  return bad ? 2 : 0;
 }
 
 template <typename T, bool DOT, int HC, int DC>
-void run3(int which, const Args<T>& A, int64_t n_other) {
-  if (which == 0) forward<T, DOT, HC, DC>(A);
-  else if (which == 1) backward_dst<T, DOT, HC, DC>(A);
-  else if (which == 2) backward_src<T, DOT, HC, DC>(A);
-  else backward_single<T, DOT, HC, DC>(A, n_other);
+int run3(int which, const Args<T>& A) {
+  if (which == 0) return forward<T, DOT, HC, DC>(A);
+  if (which == 1) return backward_dst<T, DOT, HC, DC>(A);
+  if (which == 2) return backward_src<T, DOT, HC, DC>(A);
+  return backward_single<T, DOT, HC, DC>(A);
 }
 
 // Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
 // vision and transformer models); everything else, and float64, runs the generic instantiation.
 // A specialised dot kernel takes its key width from DC too, so it needs Dk == Dv.
 template <typename T, bool DOT>
-void run(int which, const Args<T>& A, int64_t n_other) {
+int run(int which, const Args<T>& A) {
   if (std::is_same<T, float>::value && (!DOT || A.Dk == A.Dv)) {
-    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A, n_other);
+    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A);
     switch (A.Dv) {
-      case 8: return run3<T, DOT, 0, 8>(which, A, n_other);
-      case 16: return run3<T, DOT, 0, 16>(which, A, n_other);
-      case 32: return run3<T, DOT, 0, 32>(which, A, n_other);
-      case 64: return run3<T, DOT, 0, 64>(which, A, n_other);
+      case 8: return run3<T, DOT, 0, 8>(which, A);
+      case 16: return run3<T, DOT, 0, 16>(which, A);
+      case 32: return run3<T, DOT, 0, 32>(which, A);
+      case 64: return run3<T, DOT, 0, 64>(which, A);
       default: break;
     }
   }
-  run3<T, DOT, 0, 0>(which, A, n_other);
+  return run3<T, DOT, 0, 0>(which, A);
 }
 
-// 0 when indptr (n_rows + 1) runs from 0 to n_edges without decreasing, nbr (n_edges) lies in
-// [0, n_other) and eid (n_edges) in [0, n_edges); else 2.
-int check_indices(int64_t n_rows, int64_t n_other, int64_t n_edges, const int64_t* indptr, const int64_t* nbr,
-                  const int64_t* eid, int nthreads) {
-  if (n_rows < 0 || n_other < 0 || n_edges < 0 || !indptr || indptr[0] != 0 || indptr[n_rows] != n_edges) return 2;
-  if (n_edges > 0 && (!nbr || !eid)) return 2;
-  // one parallel region for both checks (each fork / join costs a scheduler time slice when the cores
-  // are oversubscribed); neither loop reads past its array whatever the values
-  int64_t bad = 0;
-#pragma omp parallel num_threads(nthreads) reduction(| : bad)
-  {
-#pragma omp for schedule(static) nowait
-    for (int64_t i = 0; i < n_rows; ++i) bad |= indptr[i + 1] < indptr[i];
-#pragma omp for schedule(static) nowait
-    for (int64_t p = 0; p < n_edges; ++p)
-      bad |= (static_cast<uint64_t>(nbr[p]) >= static_cast<uint64_t>(n_other)) |
-             (static_cast<uint64_t>(eid[p]) >= static_cast<uint64_t>(n_edges));
-  }
-  return bad ? 2 : 0;
-}
-
+// strides: the row strides (elements) of q, k, v, out, dk and dq; null for contiguous rows. Each must
+// be at least its row's width (overlapping output rows would race).
 template <typename T>
 int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
-          const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq, int nthreads) {
+          const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,
+          const int64_t* strides, int nthreads) {
   if (which < 0 || which > 3 || H < 0 || Dk < 0 || Dv < 0) return 1;
   // the single pass needs g, o and stat (unless they are empty), and no ga
   if (which == 3 && (ga || ((!g || !o || !stat) && n_other * H * Dv > 0))) return 1;
+  const int64_t kw = dot ? H * Dk : H;  // the width of a row of q or k
+  // q k v out dk dq; out: (N, H, Dv) in the forward and pass B / single (dv), q's width in pass A (dq)
+  const int64_t width[6] = {kw, kw, H * Dv, which == 1 ? kw : H * Dv, kw, kw};
+  int64_t stride[6];
+  for (int x = 0; x < 6; ++x) {
+    stride[x] = strides ? strides[x] : width[x];
+    if (stride[x] < width[x]) return 1;
+  }
+  // the O(1) part of the bounds check; the passes check every row and edge (bad_row, bad_edge)
+  if (n_rows < 0 || n_other < 0 || n_edges < 0 || !indptr || indptr[0] != 0 || indptr[n_rows] != n_edges) return 2;
+  if (n_edges > 0 && (!nbr || !eid)) return 2;
   // small inputs run on one thread: waking a team costs more than it saves (and much more when the
   // cores are oversubscribed)
   const int64_t work = (n_rows + n_edges) * H * (Dv + Dk);
   // (measured on Cora, 13k edges, 8 x 8: 0.8 ms on one thread, 0.95 ms on two, and 60 ms on two when
   // other processes keep both cores busy)
   const int threads = work < (int64_t(1) << 21) ? 1 : std::max(1, nthreads);
-  if (check_indices(n_rows, n_other, n_edges, indptr, nbr, eid, threads) != 0) return 2;
-  Args<T> A{n_rows, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
+  Args<T> A{n_rows, n_other, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, o, dq, threads, dot ? H * Dk : H};
-  if (dot) run<T, true>(which, A, n_other);
-  else run<T, false>(which, A, n_other);
-  return 0;
+            out, attn, dk, dw, o, dq, threads, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
+  return dot ? run<T, true>(which, A) : run<T, false>(which, A);
 }
 
 }  // namespace
 
 // which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows, 3 the single
-// backward pass over src rows (see Args and backward_single)
+// backward pass over src rows (see Args and backward_single). Returns 0, 1 for bad arguments, 2 for
+// indices out of range.
 #define GATX_ENTRY(NAME, T)                                                                              \
   extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H,  \
                       int64_t Dk, int64_t Dv,                                                           \
@@ -641,12 +763,12 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
                       const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,           \
-                      int nthreads) {                                                                   \
+                      const int64_t* strides, int nthreads) {                                           \
     return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
-                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, nthreads);         \
+                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, strides, nthreads); \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 4; }
+extern "C" int gatx_fused_abi_version() { return 5; }
