@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..graph import Graph
+from ..ops._layout import side_by_side
 from .fused_build import GatxKernelCacheWarning, build, cache_dir
 from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention custom ops (used while compiling)
 
@@ -239,14 +240,14 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
 
     ``stacked``: when v, k and q are the column slices ``[v | k | q]`` of one buffer (GATConv's projection
     :func:`gatx.nn._utils.scored_projection`), dv, dk and dq are written the same way into one new
-    buffer, so that the projection's backward runs one product for all three (see :func:`_stacked_grads`)."""
+    buffer, so that the projection's backward runs one product for all three (see :func:`_side_by_side_grads`)."""
     need_q, need_k, need_v, need_b, need_w = needs
     q, k, v = _rows(q), _rows(k), _rows(v)
     num_dst = csr[0].numel() - 1
     g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst,) + tuple(v.shape[1:]))
     g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
     args = (q, k, v, bias, ew, keep, keep_scale, scale, slope, stat)
-    grads = _stacked_grads(q, k, v) if stacked and need_q and need_k and need_v else None
+    grads = _side_by_side_grads(q, k, v) if stacked and need_q and need_k and need_v else None
     dq, dk, dv = grads if grads is not None else (q.new_empty(q.shape) if need_q else None,
                                                    k.new_empty(k.shape) if need_k else None,
                                                    v.new_empty(v.shape) if need_v else None)
@@ -263,18 +264,14 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     return dq, dk, dv, db, dw
 
 
-def _stacked_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(dq, dk, dv): column slices ``[dv | dk | dq]`` of one new (N, H*Dv + 2 * width of q) buffer when v,
-    k and q are laid out that way in one buffer (as many rows each, no gap between them), else None."""
-    N, S, it = v.shape[0], v.stride(0), v.element_size()
-    if N < 2 or k.shape[0] != N or q.shape[0] != N:
+def _side_by_side_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(dq, dk, dv): column slices ``[dv | dk | dq]`` of one new buffer when v, k and q are laid out that
+    way in one buffer (:func:`~gatx.ops._layout.side_by_side`), else None."""
+    base = side_by_side(v, k, q)
+    if base is None:
         return None
-    widths = (v[0].numel(), k[0].numel(), q[0].numel())
-    if (S != sum(widths) or k.stride(0) != S or q.stride(0) != S
-            or k.data_ptr() != v.data_ptr() + widths[0] * it or q.data_ptr() != k.data_ptr() + widths[1] * it):
-        return None
-    buf = v.new_empty((N, S))
-    lo, hi = widths[0], widths[0] + widths[1]
+    buf = torch.empty_like(base)  # (N, S)
+    lo, hi = v[0].numel(), v[0].numel() + k[0].numel()
     return buf[:, hi:].view(q.shape), buf[:, lo:hi].view(k.shape), buf[:, :lo].view(v.shape)
 
 

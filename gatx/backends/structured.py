@@ -343,14 +343,13 @@ def _tiled(
         bias = bias.per_edge() if isinstance(bias, TableBias) else bias  # (E, H) or (E, 1)
         dense_bias, fresh = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf"))
         dense_bias = dense_bias.reshape(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
+    add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
     if plain and rows is None and (dense_bias is None or not dense_bias.requires_grad):
         # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
-        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (1 or H, T, Qt, Kt)
         o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), add, scale)
         o = o.reshape(H * T, Qt, Dv)
     elif plain:  # bias with gradient, or one tile's bias (the flash kernel takes 2x as long to broadcast it
         # over 5-d views as this takes; 56x56 windows, B=2, 2 threads: 8.0 against 3.7 ms): the dense core
-        add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
         o = _DenseAttention.apply(Q, K, V, add, mask, scale, T)  # (H*T, Qt, Dv)
     else:
         Q = Q * scale

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..graph import Graph
+from ..ops._layout import side_by_side
 
 # id(edge_index) -> (weak ref to it, its version, num_src, num_dst, Graph): the last few edge_index
 # tensors seen, so a layer fed the same edge_index every step validates it once
@@ -271,16 +272,10 @@ def _folded_weight(weight: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
 
 def _stacked_base(g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None) -> Tensor | None:
     """The (N, H*D + 2H) buffer ``[g_feat | g_el | g_er]`` when the three gradients are its column slices
-    (the fused backend writes them so: gatx.backends.fused._stacked_grads), else None."""
+    (the fused backend writes them so: gatx.backends.fused._side_by_side_grads), else None."""
     if g_feat is None or g_el is None or g_er is None:
         return None
-    (N, hd), H = g_feat.shape, g_el.shape[1]
-    S, it = hd + 2 * H, g_feat.element_size()
-    if (N < 2 or g_el.shape[0] != N or g_er.shape[0] != N or any(g.stride() != (S, 1) for g in (g_feat, g_el, g_er))
-            or g_el.data_ptr() != g_feat.data_ptr() + hd * it or g_er.data_ptr() != g_el.data_ptr() + H * it
-            or len({g.dtype for g in (g_feat, g_el, g_er)}) != 1):
-        return None
-    return g_feat.as_strided((N, S), (S, 1))  # (N, H*D + 2H); rows N apart inside one allocation (see above)
+    return side_by_side(g_feat, g_el, g_er)
 
 
 class _ScoredProjection(torch.autograd.Function):

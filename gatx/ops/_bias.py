@@ -45,8 +45,7 @@ class TableBias:
             raise ValueError(f"TableBias: index must be an int64 or int32 tensor of shape (E,), got {got}")
         if index.device != table.device:
             raise ValueError(f"TableBias: index is on {index.device} but table is on {table.device}; move one with .to(device)")
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise ValueError(f"TableBias: repeat must be an int >= 1, got {repeat!r}")
+        _check_repeat(repeat, "TableBias: repeat")
         if index.numel():
             lo, hi = (int(t) for t in torch.aminmax(index))
             if lo < 0 or hi >= table.shape[0]:
@@ -94,3 +93,9 @@ class TableBias:
 
     def __repr__(self) -> str:
         return f"TableBias(table={tuple(self.table.shape)}, edges={self.num_edges}, repeat={self.repeat})"
+
+
+def _check_repeat(repeat: Any, name: str) -> None:
+    """``repeat`` (the times the table's heads repeat, e.g. a batch folded into the heads) is an int >= 1."""
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {repeat!r}")

@@ -27,6 +27,7 @@ from torch import Tensor
 from ..backends.structured import RowGather, Tiling, axis_tiling, grid_tiling
 from ..graph import Graph
 from ..ops import TableBias
+from ..ops._bias import _check_repeat
 
 __all__ = ["GridStructure", "neighborhood_graph", "window_graph"]
 
@@ -111,8 +112,7 @@ class _GridBias(TableBias):
     re-checked), gathered with its :class:`RowGather`, and its ``tile_rows`` for its own tiling."""
 
     def __init__(self, table: Tensor, structure: GridStructure, repeat: int) -> None:
-        if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-            raise ValueError(f"batch must be an int >= 1, got {repeat!r}")
+        _check_repeat(repeat, "batch")
         self.table, self.index, self.repeat = table, structure.rel_pos_index, repeat
         self._structure = structure
 
