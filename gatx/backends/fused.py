@@ -208,6 +208,9 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")
+    if rc == 3:
+        raise MemoryError("the fused kernel could not allocate its per-thread buffers; use fewer threads "
+                          "(torch.set_num_threads) or another backend")
     assert rc == 0, f"fused kernel returned {rc}"
 
 
