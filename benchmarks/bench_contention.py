@@ -13,6 +13,16 @@ hits both. Each system's *slowdown* is its contended median / its quiet median; 
 is gatx's slowdown next to DGL's (issue goal: gatx's no worse). The 1-minute load average is recorded
 before each phase: the quiet phase is only quiet if nothing else runs on the machine.
 
+A third phase times both quiet on one thread, for two more columns that help read the slowdown:
+
+- ``speedup_1_to_n``: quiet 1-thread median / quiet median, how much the second core buys;
+- ``contended_over_1thread``: contended median / quiet 1-thread median. With ``--busy`` single-thread
+  processes beside an n-thread job on n cores, the scheduler's fair share gives the job about
+  n * n / (n + busy) cores (one core for 2 threads beside 2 busy processes), so this is the loss
+  beyond a fair share: lost wake-ups, threads waiting for a descheduled one, the neighbours' cache
+  traffic. The slowdown is about ``contended_over_1thread * speedup_1_to_n``: a system that uses its
+  second core better shows a larger slowdown for the same loss.
+
     python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
     python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
 """
@@ -139,28 +149,33 @@ def main(argv: list[str] | None = None) -> int:
     if not diff <= 1e-3:
         raise SystemExit(f"DGL and gatx disagree (relative difference {diff:.2e}); not timing")
     phases: dict[str, dict[str, Any]] = {}
-    for phase in ("quiet", "contended"):
+    threads = torch.get_num_threads()
+    for phase in ("quiet", "quiet_1thread", "contended"):
         load = load_average()
         procs = start_busy(args.busy) if phase == "contended" else []
+        torch.set_num_threads(1 if phase == "quiet_1thread" else threads)
         try:
             times = timed(runs, gout, args.reps)
         finally:
             stop_busy(procs)
+            torch.set_num_threads(threads)
         phases[phase] = {"load_avg_1min": load, "times": times}
         log(f"  {phase:9s} (load {load}): " + ", ".join(
             f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
     rows = []
     for name in runs:
-        quiet = statistics.median(phases["quiet"]["times"][name])
-        busy = statistics.median(phases["contended"]["times"][name])
+        quiet, one, busy = (statistics.median(phases[ph]["times"][name]) for ph in ("quiet", "quiet_1thread", "contended"))
         rows.append({
             "case": f"random-{args.nodes}", "system": name, "mode": "fwd+bwd", "status": "ok",
-            "threads": torch.get_num_threads(), "busy_processes": args.busy, "reps": args.reps,
-            "quiet_median_ms": 1e3 * quiet, "contended_median_ms": 1e3 * busy, "slowdown": busy / quiet,
+            "threads": threads, "busy_processes": args.busy, "reps": args.reps,
+            "quiet_median_ms": 1e3 * quiet, "quiet_1thread_median_ms": 1e3 * one, "contended_median_ms": 1e3 * busy,
+            "slowdown": busy / quiet, "speedup_1_to_n": one / quiet, "contended_over_1thread": busy / one,
             "quiet_load_avg": phases["quiet"]["load_avg_1min"],
+            "quiet_1thread_load_avg": phases["quiet_1thread"]["load_avg_1min"],
             "contended_load_avg": phases["contended"]["load_avg_1min"], "max_rel_diff": diff,
         })
-        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes")
+        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes "
+            f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f})")
     write_json(args.json, env, rows)
     return 0
 

@@ -265,8 +265,8 @@ def test_compile_failure_is_recorded(bench_modules, monkeypatch) -> None:
 
 
 def test_contention_bench_rows(tmp_path) -> None:
-    """``bench_contention.py --tiny``: both systems agreed, were timed quiet and beside a busy process,
-    and the busy process is gone afterwards (slowdown = contended / quiet median)."""
+    """``bench_contention.py --tiny``: both systems agreed, were timed quiet (on all threads and on one)
+    and beside a busy process, and the busy process is gone afterwards (slowdown = contended / quiet median)."""
     out = tmp_path / "contention.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--json", str(out)],
@@ -279,6 +279,8 @@ def test_contention_bench_rows(tmp_path) -> None:
     for r in rows:
         assert r["max_rel_diff"] <= 1e-3
         assert r["slowdown"] == pytest.approx(r["contended_median_ms"] / r["quiet_median_ms"])
+        assert r["speedup_1_to_n"] == pytest.approx(r["quiet_1thread_median_ms"] / r["quiet_median_ms"])
+        assert r["contended_over_1thread"] == pytest.approx(r["contended_median_ms"] / r["quiet_1thread_median_ms"])
         assert r["busy_processes"] == 1 and r["quiet_median_ms"] > 0
     left = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
