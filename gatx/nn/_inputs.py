@@ -144,7 +144,7 @@ def check_zero_in_degree(graph: Graph, allow: bool) -> None:
     if torch.compiler.is_compiling():
         torch.ops.gatx.check_in_degrees(graph.in_degrees())
         return
-    _raise_if_missing(graph.in_degrees())
+    _raise_if_any(graph._num_zero_in_degree())
 
 
 @torch.library.custom_op("gatx::check_in_degrees", mutates_args=())
@@ -162,7 +162,10 @@ torch.fx.node.has_side_effect(torch.ops.gatx.check_in_degrees.default)  # a chec
 
 
 def _raise_if_missing(in_degrees: Tensor) -> None:
-    missing = int((in_degrees == 0).sum())
+    _raise_if_any(int((in_degrees == 0).sum()))
+
+
+def _raise_if_any(missing: int) -> None:
     if missing:
         raise zero_in_degree_error(
             f"{missing} dst nodes have no incoming edge, so their output would be invalid; add "

@@ -134,6 +134,25 @@ def test_zero_in_degree_gives_zeros_plus_bias(backend):
         strict(Graph.from_dgl(g), x)
 
 
+@pytest.mark.parametrize("layer", ["GATConv", "GATv2Conv"])
+def test_zero_in_degree_count_is_cached_and_guarded(layer):
+    """The layers count zero-in-degree nodes once per graph; every call still raises on such a graph, and
+    a write into the graph's indices (or its cached in-degrees) is still refused, not hidden by the count."""
+    x = torch.randn(4, 5)
+    conv = getattr(gatx, layer)(5, 3, 2)
+    g = Graph(torch.tensor([0, 1]), torch.tensor([1, 1]), 4, 4)
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"3 dst nodes have no incoming edge"):
+            conv(g, x)
+    assert g._zero_in == 3
+    ok = Graph(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 0, 3, 2]), 4, 4)
+    conv(ok, x)
+    assert ok._zero_in == 0
+    ok.in_degrees()[0] = 0  # the cached count must not outlive a write into the degrees
+    with pytest.raises(ValueError, match="in place"):
+        conv(ok, x)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("edge_dim", [None, 6])
 def test_gatconv_matches_pyg(backend, edge_dim):
