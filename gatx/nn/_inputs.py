@@ -144,13 +144,13 @@ def check_zero_in_degree(graph: Graph, allow: bool) -> None:
     if torch.compiler.is_compiling():
         torch.ops.gatx.check_in_degrees(graph.in_degrees())
         return
-    _raise_if_any(graph._num_zero_in_degree())
+    _raise_if_missing(graph._num_zero_in_degree())
 
 
 @torch.library.custom_op("gatx::check_in_degrees", mutates_args=())
 def _check_in_degrees(in_degrees: Tensor) -> None:
     """Raise ZeroInDegreeError when an entry of the (num_dst,) in-degrees is 0 (a graph-layer check as an op)."""
-    _raise_if_missing(in_degrees)
+    _raise_if_missing(int((in_degrees == 0).sum()))
 
 
 @_check_in_degrees.register_fake
@@ -161,11 +161,8 @@ def _check_in_degrees_fake(in_degrees: Tensor) -> None:
 torch.fx.node.has_side_effect(torch.ops.gatx.check_in_degrees.default)  # a check: never dead code
 
 
-def _raise_if_missing(in_degrees: Tensor) -> None:
-    _raise_if_any(int((in_degrees == 0).sum()))
-
-
-def _raise_if_any(missing: int) -> None:
+def _raise_if_missing(missing: int) -> None:
+    """Raise ZeroInDegreeError when ``missing`` (the number of dst nodes without an incoming edge) is not 0."""
     if missing:
         raise zero_in_degree_error(
             f"{missing} dst nodes have no incoming edge, so their output would be invalid; add "

@@ -270,14 +270,6 @@ def _folded_weight(weight: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
     return torch.cat([weight, head_blocks(attn_l).t() @ weight, head_blocks(attn_r).t() @ weight])
 
 
-def _stacked_base(g_feat: Tensor | None, g_el: Tensor | None, g_er: Tensor | None) -> Tensor | None:
-    """The (N, H*D + 2H) buffer ``[g_feat | g_el | g_er]`` when the three gradients are its column slices
-    (the fused backend writes them so: gatx.backends.fused._side_by_side_grads), else None."""
-    if g_feat is None or g_el is None or g_er is None:
-        return None
-    return side_by_side(g_feat, g_el, g_er)
-
-
 class _ScoredProjection(torch.autograd.Function):
     """``feat = x @ weight.t()``, ``el = feat @ head_blocks(attn_l)``, ``er = feat[:n_dst] @ head_blocks(attn_r)``,
     as column slices of one (N, H*D + 2H) product ``[feat | el | er]`` (one pass over x, none over feat;
@@ -309,7 +301,8 @@ class _ScoredProjection(torch.autograd.Function):
         g_feat, g_el, g_er = (g.to(feat.dtype) if g is not None else None for g in (g_feat, g_el, g_er))
         n, H = ctx.n_dst, attn_l.shape[1]
         need_x, need_w, need_l, need_r = ctx.needs_input_grad[:4]
-        g_all = _stacked_base(g_feat, g_el, g_er)  # (N, H*D + 2H) or None
+        # (N, H*D + 2H) [g_feat | g_el | g_er] when the fused backend wrote them so (its _side_by_side_grads)
+        g_all = side_by_side(g_feat, g_el, g_er)
         if g_all is not None:
             hd = feat.shape[1]
             gx = g_all @ _folded_weight(weight, attn_l, attn_r) if need_x else None  # (N, F)

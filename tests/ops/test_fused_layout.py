@@ -64,8 +64,8 @@ def test_gatconv_gradients_arrive_stacked_and_match_the_torch_backend(monkeypatc
     """The fused backward writes [dv | dk | dq] into one buffer; the projection's backward then runs one
     product per gradient (its stacked path), with the values of the torch backend's per-term path."""
     seen = []
-    real = _utils._stacked_base
-    monkeypatch.setattr(_utils, "_stacked_base", lambda *a: seen.append(real(*a)) or seen[-1])
+    real = _utils.side_by_side
+    monkeypatch.setattr(_utils, "side_by_side", lambda *a: seen.append(real(*a)) or seen[-1])
     g = random_graph(50, 50, 400, seed=4, self_loops=True)
     torch.manual_seed(0)
     layer = gatx.GATConv(12, 4, num_heads=3).double()
