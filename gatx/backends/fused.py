@@ -47,6 +47,7 @@ import torch
 from torch import Tensor
 
 from ..graph import Graph
+from ..ops._bias import add_out_bias
 from ..ops._layout import side_by_side
 from .fused_build import GatxKernelCacheWarning, build, cache_dir
 from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention custom ops (used while compiling)
@@ -54,7 +55,8 @@ from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention 
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
-_ABI = 5  # gatx_fused_abi_version() of the matching source
+TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
+_ABI = 6  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
 
 
@@ -72,7 +74,7 @@ def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
     fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
-                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
 
 
 def load() -> Any:
@@ -181,9 +183,13 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
           bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, keep_scale: float, scale: float,
           slope: float, stat: Tensor, *, g: Tensor | None = None, ga: Tensor | None = None,
           out: Tensor | None = None, attn: Tensor | None = None, dk: Tensor | None = None,
-          dw: Tensor | None = None, o: Tensor | None = None, dq: Tensor | None = None) -> None:
+          dw: Tensor | None = None, o: Tensor | None = None, dq: Tensor | None = None, ob: Tensor | None = None,
+          dob: Tensor | None = None) -> None:
     """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows, 3 the
     whole backward in one pass over src rows.
+
+    ``ob``, a contiguous (H, Dv) output bias: the forward adds it to every output row; pass 3 then takes
+    ``o`` as including it and writes its gradient (the sum of ``g``'s rows) into ``dob`` when given.
 
     Pass 3 takes the CSC ``rows`` (as pass 2), the output gradient ``g`` and the forward's output ``o``
     (no attention gradient ``ga``), and writes ``out`` = dv, ``dk``, ``dq``, ``attn`` = dbias and ``dw``
@@ -204,7 +210,7 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
             _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
             keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
-            _ptr(o), _ptr(dq), strides, torch.get_num_threads())
+            _ptr(o), _ptr(dq), _ptr(ob), _ptr(dob), strides, torch.get_num_threads())
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")
@@ -216,9 +222,10 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
 
 def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                  ew: Tensor | None, keep: Tensor | None, dot: bool, scale: float, slope: float, keep_scale: float,
-                 want_attn: bool) -> tuple[Tensor, Tensor, Tensor]:
+                 want_attn: bool, ob: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's forward over ``csr = (indptr, src, perm, num_src)``: (out (num_dst, H, Dv), the per-row
-    log-sum-exp ``stat`` (num_dst, 2, H) that backward reads, attn (E, H), or (0, H) unless ``want_attn``)."""
+    log-sum-exp ``stat`` (num_dst, 2, H) that backward reads, attn (E, H), or (0, H) unless ``want_attn``);
+    ``ob``, a contiguous (H, Dv) output bias, is added to ``out``."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     indptr, src = csr[0], csr[1]
     H, Dv = v.shape[1], v.shape[2]
@@ -226,14 +233,16 @@ def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, 
     out = v.new_empty((num_dst, H, Dv))
     stat = v.new_empty((num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
     attn = v.new_empty((src.numel(), H) if want_attn else (0, H))
-    _call(0, dot, csr, q, k, v, bias, ew, keep, keep_scale, scale, slope, stat, out=out, attn=attn if want_attn else None)
+    _call(0, dot, csr, q, k, v, bias, ew, keep, keep_scale, scale, slope, stat, out=out, attn=attn if want_attn else None,
+          ob=ob)
     return out, stat, attn
 
 
 def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, k: Tensor, v: Tensor,
                   bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, stat: Tensor, g_out: Tensor | None,
                   g_attn: Tensor | None, needs: tuple[bool, ...], dot: bool, scale: float, slope: float,
-                  keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False) -> tuple[Tensor | None, ...]:
+                  keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False, ob: Tensor | None = None,
+                  dob: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """First-order gradients (dq, dk, dv, dbias, dew), None where ``needs`` (five flags) is False.
 
     One kernel pass over the dst rows (``csr``) for q, bias and edge_weight, one over the src rows for
@@ -243,7 +252,10 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
 
     ``stacked``: when v, k and q are the column slices ``[v | k | q]`` of one buffer (GATConv's projection
     :func:`gatx.nn._utils.scored_projection`), dv, dk and dq are written the same way into one new
-    buffer, so that the projection's backward runs one product for all three (see :func:`_side_by_side_grads`)."""
+    buffer, so that the projection's backward runs one product for all three (see :func:`_side_by_side_grads`).
+
+    ``ob``: the contiguous (H, Dv) output bias the forward added (``fwd_out`` includes it); ``dob``: an
+    (H, Dv) buffer for its gradient, the sum of ``g_out``'s rows (the single pass sums them as it reads them)."""
     need_q, need_k, need_v, need_b, need_w = needs
     q, k, v = _rows(q), _rows(k), _rows(v)
     num_dst = csr[0].numel() - 1
@@ -259,8 +271,11 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
     if fwd_out is not None and g_attn is None and (need_k or need_v) and not torch.are_deterministic_algorithms_enabled():
-        _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw)
+        _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw,
+              ob=ob, dob=dob)
         return dq, dk, dv, db, dw
+    if dob is not None:
+        torch.sum(g_out, 0, out=dob)
     _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
     if need_k or need_v:
         _call(2, dot, csc() if callable(csc) else csc, *args, g=g_out, ga=g_attn, out=dv, dk=dk)
@@ -282,11 +297,11 @@ class _FusedAttention(torch.autograd.Function):
     """(out, attn) = fused sparse attention; saves the inputs and the per-row log-sum-exp only."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, ew, keep, graph, dot, scale, slope, keep_scale, want_attn):
+    def forward(ctx, q, k, v, bias, ew, keep, graph, dot, scale, slope, keep_scale, want_attn, ob):
         csr = graph.csr()
         out, stat, attn = forward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), q, k, v, bias, ew, keep, dot,
-                                       scale, slope, keep_scale, want_attn)
-        ctx.save_for_backward(q, k, v, bias, ew, keep, stat, out)  # out: the single backward pass reads it
+                                       scale, slope, keep_scale, want_attn, ob)
+        ctx.save_for_backward(q, k, v, bias, ew, keep, stat, out, ob)  # out: the single backward pass reads it
         ctx.graph, ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale = graph, dot, scale, slope, keep_scale
         ctx.set_materialize_grads(False)
         if not want_attn:
@@ -295,23 +310,26 @@ class _FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_out, g_attn):
-        q, k, v, bias, ew, keep, stat, out = ctx.saved_tensors
+        q, k, v, bias, ew, keep, stat, out, ob = ctx.saved_tensors
         graph = ctx.graph
         if g_out is None and g_attn is None:
-            return (None,) * 12
+            return (None,) * 13
         consts = (ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale)
+        need_ob = ctx.needs_input_grad[12]
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
+            dob = g_out.sum(0) if need_ob and g_out is not None else None
             return recompute_backward(graph.src, graph.dst, graph.num_dst, tuple(ctx.needs_input_grad[:5]), q, k, v,
-                                      bias, ew, keep, *consts, g_out, g_attn) + (None,) * 7
+                                      bias, ew, keep, *consts, g_out, g_attn) + (None,) * 7 + (dob,)
         csr = graph.csr()
 
         def csc() -> tuple[Tensor, Tensor, Tensor, int]:
             c = graph.csc()
             return c.indptr, c.dst, c.perm, graph.num_dst
 
+        dob = torch.empty_like(ob) if need_ob else None
         grads = backward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), csc, q, k, v, bias, ew, keep, stat, g_out,
-                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out, stacked=True)
-        return grads + (None,) * 7
+                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out, stacked=True, ob=ob, dob=dob)
+        return grads + (None,) * 7 + (dob,)
 
 
 def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
@@ -367,8 +385,10 @@ def recompute_backward(src: Tensor, dst: Tensor, num_dst: int, needs: tuple[bool
 
 def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor, *, score: str,
                      logits: Tensor | None, scale: float | None, bias: Tensor | None, negative_slope: float, edge_weight: Tensor | None, dropout_p: float,
-                     return_attention: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op)."""
+                     return_attention: bool, out_bias: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op); the (H, Dv)
+    ``out_bias`` is added in the kernel's forward and its gradient summed in its single backward pass
+    (float32 / float64 and eager only: otherwise it is added afterwards)."""
     H = v.shape[1]
     keep, keep_scale = None, 1.0
     if dropout_p > 0.0:
@@ -396,13 +416,16 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
         edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads
     edge_weight = edge_weight.contiguous() if edge_weight is not None else None
     if torch.compiler.is_compiling():
-        return _cast(half, _traced(graph, q, k, v, bias, edge_weight, keep, score == "dot", float(scale) if scale is not None else 1.0,
-                                   float(negative_slope), keep_scale, return_attention))
+        res = _cast(half, _traced(graph, q, k, v, bias, edge_weight, keep, score == "dot", float(scale) if scale is not None else 1.0,
+                                  float(negative_slope), keep_scale, return_attention))
+        return add_out_bias(res, out_bias)
+    inside = out_bias is not None and half is None
     out, attn = _FusedAttention.apply(
         q, k, v, bias, edge_weight, keep, graph, score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope),
-        keep_scale, return_attention,
+        keep_scale, return_attention, out_bias.expand(H, v.shape[2]).contiguous() if inside else None,
     )
-    return _cast(half, (out, attn) if return_attention else out)
+    res = _cast(half, (out, attn) if return_attention else out)
+    return res if inside else add_out_bias(res, out_bias)
 
 
 def _cast(dtype: torch.dtype | None, res: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@
 //   additive: z = k[j,h] + q[i,h] (+ bias[e,h]),   s = z > 0 ? z : slope * z
 //   dot:      s = scale * <q[i,h,:], k[j,h,:]> (+ bias[e,h])
 //   p = exp(s - lse[i,h]) (the softmax), c = keep[e,h] * keep_scale * w[e(,h)], a = p * c
-//   out[i,h,:] = sum_e a * v[j,h,:]
+//   out[i,h,:] = sum_e a * v[j,h,:] (+ ob[h,:], a layer's output bias, when given)
 // Backward, with g = dL/dout and ga = dL/da (when the attention is returned):
 //   da = <g[i,h,:], v[j,h,:]> + ga[e,h],  delta[i,h] = sum_e p * c * da,  ds = p * (c * da - delta)
 //   dz = ds * (z > 0 ? 1 : slope) (additive) ; dv[j] += a * g[i] ; dw[e] += p * keep * keep_scale * da
@@ -146,6 +146,9 @@ struct Args {
   T* dw;    // pass A and the single pass: dw or null
   const T* o;  // the single pass: the forward's output (N_dst, H, Dv)
   T* dq;       // the single pass: dq or null (additive (N_dst, H), dot (N_dst, H, Dk)), rows dq_stride apart
+  const T* ob;  // (H, Dv) output bias or null: the forward adds it to every out row; the single pass takes o as
+                // including it (delta uses o - ob)
+  T* dob;       // the single pass: (H, Dv) gradient of ob (the sum of g's rows) or null
   int nthreads;
   int64_t q_stride;  // H (additive) or H * Dk (dot) unless q is a column slice; the single pass packs q with dq
   int64_t k_stride, v_stride, out_stride, dk_stride, dq_stride;  // row strides (elements)
@@ -290,7 +293,11 @@ int forward(const Args<T>& args) {
       T* out_i = A.out + i * H * Dv;
       T* lse_i = A.stat + i * 2 * H;
       if (deg == 0) {
-        std::fill(out_i, out_i + H * Dv, T(0));
+        if (A.ob) {
+          std::copy(A.ob, A.ob + H * Dv, out_i);
+        } else {
+          std::fill(out_i, out_i + H * Dv, T(0));
+        }
         std::fill(lse_i, lse_i + H, T(0));
         continue;
       }
@@ -347,7 +354,13 @@ int forward(const Args<T>& args) {
         if (attn) std::copy(a, a + H, attn + e * H);
         head_axpy<T, HC, DC>(a, v + j * A.v_stride, accp, H, Dv);
       }
-      std::copy(accp, accp + H * Dv, out_i);
+      if (A.ob) {  // the layer's output bias, added here instead of by another pass over the output
+        const T* __restrict ob = A.ob;
+#pragma omp simd
+        for (int64_t x = 0; x < H * Dv; ++x) out_i[x] = accp[x] + ob[x];
+      } else {
+        std::copy(accp, accp + H * Dv, out_i);
+      }
     }
   }
   return bad ? 2 : 0;
@@ -585,6 +598,7 @@ int backward_single(const Args<T>& args) {
   std::unique_ptr<T[]> extra(args.dq ? new T[nt * n_dst * qd + 64 / sizeof(T)] : nullptr);
   T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.get()) + 63) & ~uintptr_t(63));
   const int64_t chunk = chunk_for(args.n_rows, nt), chunk_dst = chunk_for(n_dst, nt);
+  if (args.dob) std::fill(args.dob, args.dob + H * Dv, T(0));
   int bad = 0;
 #pragma omp parallel num_threads(nt) reduction(| : bad)  // one region: delta and the packed q rows, the edges, the dq reduction
   {
@@ -593,16 +607,33 @@ int backward_single(const Args<T>& args) {
     T* dbias = A.attn;
     T* dw = A.dw;
     T* stat = A.stat;
+    // the output bias's gradient: this thread's sum of the g rows it reads here anyway; the ob term of delta
+    std::vector<T> gsum(A.dob ? H * Dv : 0), obd(A.ob ? H : 0);
     // dynamic here too, and in the dq reduction: a static half waits for its thread when it is descheduled
 #pragma omp for schedule(dynamic, chunk_dst)
     for (int64_t i = 0; i < n_dst; ++i) {
-      head_dots<T, HC, DC>(A.g + i * H * Dv, A.o + i * H * Dv, stat + i * 2 * H + H, H, Dv);
+      const T* __restrict g_i = A.g + i * H * Dv;
+      T* __restrict delta_i = stat + i * 2 * H + H;
+      head_dots<T, HC, DC>(g_i, A.o + i * H * Dv, delta_i, H, Dv);
+      if (A.ob) {  // o includes the output bias: delta = <g, o - ob>
+        head_dots<T, HC, DC>(g_i, A.ob, obd.data(), H, Dv);
+        for (int64_t h = 0; h < H; ++h) delta_i[h] -= obd[h];
+      }
+      if (A.dob) {
+        T* __restrict acc = gsum.data();
+#pragma omp simd
+        for (int64_t x = 0; x < H * Dv; ++x) acc[x] += g_i[x];
+      }
       if (!A.dq) continue;
       for (int64_t t = 0; t < nt; ++t) {
         T* row = base + (t * n_dst + i) * qd;
         if (pack) std::copy(A.q + i * A.q_stride, A.q + i * A.q_stride + kw, row);
         std::fill(row + dq_at, row + dq_at + kw, T(0));
       }
+    }
+    if (A.dob) {
+#pragma omp critical(gatx_dob)
+      for (int64_t x = 0; x < H * Dv; ++x) A.dob[x] += gsum[x];
     }
     const int tid = omp_get_thread_num();
     Args<T> B = A;  // A, with q read from this thread's packed rows when packed
@@ -734,8 +765,10 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
           const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,
-          const int64_t* strides, int nthreads) {
+          const T* ob, T* dob, const int64_t* strides, int nthreads) {
   if (which < 0 || which > 3 || H < 0 || Dk < 0 || Dv < 0) return 1;
+  // the output bias: added by the forward, read (with its gradient) by the single pass only
+  if ((ob && which != 0 && which != 3) || (dob && (which != 3 || !ob))) return 1;
   // the single pass needs g, o and stat (unless they are empty), and no ga
   if (which == 3 && (ga || ((!g || !o || !stat) && n_other * H * Dv > 0))) return 1;
   const int64_t kw = dot ? H * Dk : H;  // the width of a row of q or k
@@ -757,7 +790,7 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   const int threads = work < (int64_t(1) << 21) ? 1 : std::max(1, nthreads);
   Args<T> A{n_rows, n_other, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, o, dq, threads, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
+            out, attn, dk, dw, o, dq, ob, dob, threads, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
   try {  // an exception must not cross the C interface (std::terminate): 3 = out of memory
     return dot ? run<T, true>(which, A) : run<T, false>(which, A);
   } catch (const std::bad_alloc&) {
@@ -777,12 +810,12 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
                       const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,           \
-                      const int64_t* strides, int nthreads) {                                           \
+                      const T* ob, T* dob, const int64_t* strides, int nthreads) {                      \
     return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
-                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, strides, nthreads); \
+                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, ob, dob, strides, nthreads); \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 5; }
+extern "C" int gatx_fused_abi_version() { return 6; }

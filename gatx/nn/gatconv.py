@@ -215,17 +215,20 @@ class GATConv(nn.Module):
             check_edge_feat(self, edge_feat, g, self._edge_feats, self.attn_l)
             ee = per_edge_heads(head_dot(self.fc_edge(edge_feat).view(g.num_edges, H, D), self.attn_e), H, S)  # (E, S*H)
         values = F.dropout(feat_src, self.value_drop, self.training) if self.value_drop else feat_src  # scores use feat_src
+        # the bias goes into the op when nothing comes between (no residual, no * dimensions): the fused
+        # kernel adds it as it writes the output and sums its gradient as it reads the output's gradient
+        own_bias = self.has_explicit_bias and self.res_fc is None and S == 1
         res = ops.sparse_attention(
             g, er, el, values, score="additive", bias=ee, negative_slope=self.leaky_relu.negative_slope,
             edge_weight=per_edge_heads(edge_weight, H, S), dropout_p=self.attn_drop.p, training=self.training,
-            return_attention=get_attention, backend=backend,
+            return_attention=get_attention, backend=backend, out_bias=self.bias.view(H, D) if own_bias else None,
         )  # (N_dst, S*H, D), and (E, S*H) if get_attention
         rst, a = res if get_attention else (res, None)
         rst = rst.view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
         if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
             h_res = dropout(h_dst, p, self.training) if self.head_feat_drop else h_dst
             rst = rst + linear(self.res_fc, flat(h_res)).view(g.num_dst, *prefix, -1, D)
-        if self.has_explicit_bias:
+        if self.has_explicit_bias and not own_bias:
             rst = rst + self.bias.view(H, D)
         if self.activation is not None:
             rst = self.activation(rst)

@@ -1,4 +1,5 @@
-"""A per-edge score bias read from a table (relative position bias, edge-type / distance encodings)."""
+"""A per-edge score bias read from a table (relative position bias, edge-type / distance encodings), and
+the output bias that ``sparse_attention(out_bias=...)`` adds where a backend does not fuse it."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,16 @@ import torch
 from torch import Tensor
 
 __all__ = ["TableBias"]
+
+
+def add_out_bias(res: Tensor | tuple[Tensor, Tensor], out_bias: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """``sparse_attention``'s result (the (N, H, Dv) output, or it and the attention) with the (H, Dv)
+    ``out_bias`` added to every output row; ``res`` itself when there is none."""
+    if out_bias is None:
+        return res
+    if isinstance(res, tuple):
+        return res[0] + out_bias, res[1]
+    return res + out_bias
 
 
 class TableBias:

@@ -65,6 +65,16 @@ def same_heads(a: Tensor, b: Tensor, na: str, nb: str) -> None:
         raise ValueError(f"{na} and {nb} must have the same number of heads, got {a.shape[1]} and {b.shape[1]}")
 
 
+def broadcasts_to(t: Tensor, name: str, shape: tuple[int, ...], described: str) -> None:
+    """``t`` broadcasts to exactly ``shape`` (``described`` names it in the message)."""
+    try:
+        ok = torch.broadcast_shapes(t.shape, shape) == torch.Size(shape)
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must have shape {described} = {tuple(shape)} or one that broadcasts to it, got {tuple(t.shape)}")
+
+
 def same_dtype(**tensors: Tensor | None) -> None:
     """All given floating tensors share one dtype; the first named one sets it."""
     named = [(n, t) for n, t in tensors.items() if t is not None]

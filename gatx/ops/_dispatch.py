@@ -63,6 +63,11 @@ def takes_table_bias(mod: ModuleType) -> bool:
     return getattr(mod, "TAKES_TABLE_BIAS", False)
 
 
+def takes_out_bias(mod: ModuleType) -> bool:
+    """Whether a backend module's ``sparse_attention`` takes ``out_bias`` (else the op adds it to the result)."""
+    return getattr(mod, "TAKES_OUT_BIAS", False)
+
+
 def _reasons(name: str, graph: Graph, tensors: tuple[Tensor | None, ...], op: str, opts: dict[str, Any]) -> list[str]:
     if torch.compiler.is_compiling() and name in _UNTRACEABLE:
         return [_UNTRACEABLE[name]]

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from ..graph import Graph
 from . import _checks as C
-from ._bias import TableBias
-from ._dispatch import backend_module, select, takes_table_bias
+from ._bias import TableBias, add_out_bias
+from ._dispatch import backend_module, select, takes_out_bias, takes_table_bias
 
 __all__ = ["gat_score", "dot_score", "edge_softmax", "aggregate", "sparse_attention"]
 
@@ -135,6 +135,7 @@ def sparse_attention(
     training: bool = True,
     return_attention: bool = False,
     backend: str | None = None,
+    out_bias: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention of each dst node (query) over its in-edges (keys), one kernel family for all.
 
@@ -162,6 +163,9 @@ def sparse_attention(
             edge, e.g. a relative position bias table) with H or 1 heads.
         edge_weight: optional (E,), (E, 1) or (E, H) factor applied after the softmax.
         dropout_p: dropout on the attention, a probability in [0, 1] (applied only if ``training``).
+        out_bias: optional term added to every output row, of shape (H, Dv) or one that broadcasts to it
+            (a layer's output bias): :math:`o_i + b`. The fused CPU kernel adds it in its own pass over the
+            output and sums its gradient in its backward pass; other backends add it afterwards.
 
     All floating inputs of one call must share one dtype (a mix raises a ValueError saying which
     tensor to cast; under ``torch.autocast`` all but float64 ones are first cast to autocast's dtype),
@@ -220,12 +224,15 @@ def sparse_attention(
         values = C.per_edge(bias, "bias", graph, H, flat_is="column")  # (E, H) or (E, 1)
     if edge_weight is not None:
         edge_weight = C.per_edge(edge_weight, "edge_weight", graph, H, flat_is="weight")
-    q, k, v, logits, values, edge_weight = _autocast(graph, q, k, v, logits, values, edge_weight)
+    if out_bias is not None:
+        out_bias = C.check_tensor(out_bias, "out_bias", graph, "(H, Dv)")
+        C.broadcasts_to(out_bias, "out_bias", (H, v.shape[2]), "(H, Dv)")
+    q, k, v, logits, values, edge_weight, out_bias = _autocast(graph, q, k, v, logits, values, edge_weight, out_bias)
     if not isinstance(bias, TableBias):
         bias = values
     elif values is not bias.table:
         bias = bias.with_table(values)
-    C.same_dtype(v=v, q=q, k=k, logits=logits, bias=values, edge_weight=edge_weight)
+    C.same_dtype(v=v, q=q, k=k, logits=logits, bias=values, edge_weight=edge_weight, out_bias=out_bias)
     negative_slope = C.real(negative_slope, "negative_slope")
     dropout_p = C.real(dropout_p, "dropout_p", lo=0.0, hi=1.0)
     dropout_p = dropout_p if training else 0.0
@@ -236,10 +243,11 @@ def sparse_attention(
     mod = select(_pick(backend, H), graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
     if isinstance(bias, TableBias) and not takes_table_bias(mod):
         opts["bias"] = bias.per_edge()  # (E, H) or (E, 1)
+    if out_bias is not None and takes_out_bias(mod):
+        return mod.sparse_attention(graph, q, k, v, out_bias=out_bias, **opts)
     fused = getattr(mod, "sparse_attention", None)
-    if fused is not None:
-        return fused(graph, q, k, v, **opts)
-    return compose(mod, graph, q, k, v, **opts)
+    res = fused(graph, q, k, v, **opts) if fused is not None else compose(mod, graph, q, k, v, **opts)
+    return add_out_bias(res, out_bias)
 
 
 def compose(
