@@ -5,13 +5,19 @@ A shared machine rarely runs one job. This script times one GAT layer (8 heads x
 (``backend=None``) and ``dgl.nn.GATConv`` (same weights, checked to agree first), twice:
 
 1. *quiet*: nothing else started by this script;
-2. *contended*: ``--busy`` extra processes beside it, each a single-threaded float32 GEMM loop
-   (another training job's compute and memory traffic), started before and stopped after the phase.
+2. *contended*: ``--busy`` extra processes beside it, each a float32 GEMM loop on ``--busy-threads``
+   threads (another training job's compute and memory traffic; 1 by default, and the cores' count is
+   torch's default for a job that nobody tuned), started before and stopped after the phase.
 
 The two systems are timed alternately (one call each, repeated), so a change of load during a phase
 hits both. Each system's *slowdown* is its contended median / its quiet median; the result to read
 is gatx's slowdown next to DGL's (issue goal: gatx's no worse). The 1-minute load average is recorded
 before each phase: the quiet phase is only quiet if nothing else runs on the machine.
+
+A shared host drifts over minutes (other tenants' load), which moves one phase against the next. With
+``--rounds R`` the three phases run R times in turn; the medians pool every round's calls, and each
+row also gives every round's own slowdown (``round_slowdowns``), so a verdict can be read round by
+round (``rounds_no_worse``: the rounds in which gatx's slowdown is at most DGL's).
 
 A third phase times both quiet on one thread, for two more columns that help read the slowdown:
 
@@ -25,6 +31,7 @@ A third phase times both quiet on one thread, for two more columns that help rea
 
     python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
     python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
+    python benchmarks/bench_contention.py --rounds 3 --busy-threads 2   # 3 rounds; neighbours on every core
 """
 from __future__ import annotations
 
@@ -42,8 +49,8 @@ from bench_gat import HEADS, OUT_FEATS, random_case
 
 # one busy neighbour: a single-threaded GEMM loop that runs until it is stopped
 BUSY_CODE = (
-    "import torch\n"
-    "torch.set_num_threads(1)\n"
+    "import sys, torch\n"
+    "torch.set_num_threads(int(sys.argv[1]))\n"
     "a = torch.randn(512, 512); b = torch.randn(512, 512)\n"
     "while True:\n"
     "    a.matmul(b)\n"
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nodes", type=int, default=100_000, help="random-graph node count")
     p.add_argument("--in-feats", type=int, default=128, help="input width")
     p.add_argument("--busy", type=int, default=2, help="busy processes started beside it in the contended phase")
+    p.add_argument("--busy-threads", type=int, default=1, help="threads of each busy process")
+    p.add_argument("--rounds", type=int, default=1, help="times the three phases run in turn (pooled; per-round slowdowns too)")
     p.add_argument("--reps", type=int, default=7, help="timed calls per system and phase (alternating)")
     p.add_argument("--tiny", action="store_true", help="seconds: 2,000 nodes, 1 busy process, 3 reps (for tests)")
     p.add_argument("--seed", type=int, default=0)
@@ -62,8 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.nodes, args.busy, args.reps = 2000, 1, 3
-    if args.nodes < 2 or args.busy < 1 or args.reps < 1:
-        p.error(f"--nodes must be >= 2, --busy and --reps >= 1; got {args.nodes}, {args.busy}, {args.reps}")
+    if args.nodes < 2 or min(args.busy, args.reps, args.busy_threads, args.rounds) < 1:
+        p.error(f"--nodes must be >= 2, --busy, --busy-threads, --reps and --rounds >= 1; got {args.nodes}, {args.busy}, "
+                f"{args.busy_threads}, {args.reps}, {args.rounds}")
     return args
 
 
@@ -109,9 +119,10 @@ def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def start_busy(n: int) -> list[subprocess.Popen]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE], env=env, stdin=subprocess.DEVNULL,
+def start_busy(n: int, threads: int = 1) -> list[subprocess.Popen]:
+    """``n`` busy processes (:data:`BUSY_CODE` on ``threads`` threads each), running when this returns."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(threads)], env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
     time.sleep(1.0)  # let them import torch and reach their loop
     dead = [p.returncode for p in procs if p.poll() is not None]
@@ -126,6 +137,26 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.kill()
     for p in procs:
         p.wait()
+
+
+def run_round(runs: Runs, gout: Any, args: argparse.Namespace, threads: int, index: int) -> dict[str, dict[str, Any]]:
+    """One round: the quiet, quiet 1-thread and contended phases, {phase: {load_avg_1min, times}}."""
+    import torch
+
+    phases: dict[str, dict[str, Any]] = {}
+    for phase in ("quiet", "quiet_1thread", "contended"):
+        load = load_average()
+        procs = start_busy(args.busy, args.busy_threads) if phase == "contended" else []
+        torch.set_num_threads(1 if phase == "quiet_1thread" else threads)
+        try:
+            times = timed(runs, gout, args.reps)
+        finally:
+            stop_busy(procs)
+            torch.set_num_threads(threads)
+        phases[phase] = {"load_avg_1min": load, "times": times}
+        log(f"  round {index + 1} {phase:13s} (load {load}): " + ", ".join(
+            f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
+    return phases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,34 +179,29 @@ def main(argv: list[str] | None = None) -> int:
         f"DGL vs gatx max relative difference {diff:.2e}")
     if not diff <= 1e-3:
         raise SystemExit(f"DGL and gatx disagree (relative difference {diff:.2e}); not timing")
-    phases: dict[str, dict[str, Any]] = {}
     threads = torch.get_num_threads()
-    for phase in ("quiet", "quiet_1thread", "contended"):
-        load = load_average()
-        procs = start_busy(args.busy) if phase == "contended" else []
-        torch.set_num_threads(1 if phase == "quiet_1thread" else threads)
-        try:
-            times = timed(runs, gout, args.reps)
-        finally:
-            stop_busy(procs)
-            torch.set_num_threads(threads)
-        phases[phase] = {"load_avg_1min": load, "times": times}
-        log(f"  {phase:9s} (load {load}): " + ", ".join(
-            f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
+    rounds = [run_round(runs, gout, args, threads, r) for r in range(args.rounds)]
+    per_round = {name: [statistics.median(r["contended"]["times"][name]) / statistics.median(r["quiet"]["times"][name])
+                        for r in rounds] for name in runs}
+    no_worse = sum(g <= d for g, d in zip(per_round["gatx"], per_round["dgl"]))
     rows = []
     for name in runs:
-        quiet, one, busy = (statistics.median(phases[ph]["times"][name]) for ph in ("quiet", "quiet_1thread", "contended"))
+        quiet, one, busy = (statistics.median([t for r in rounds for t in r[ph]["times"][name]])
+                            for ph in ("quiet", "quiet_1thread", "contended"))
         rows.append({
             "case": f"random-{args.nodes}", "system": name, "mode": "fwd+bwd", "status": "ok",
-            "threads": threads, "busy_processes": args.busy, "reps": args.reps,
+            "threads": threads, "busy_processes": args.busy, "busy_threads": args.busy_threads, "reps": args.reps,
+            "rounds": args.rounds,
             "quiet_median_ms": 1e3 * quiet, "quiet_1thread_median_ms": 1e3 * one, "contended_median_ms": 1e3 * busy,
             "slowdown": busy / quiet, "speedup_1_to_n": one / quiet, "contended_over_1thread": busy / one,
-            "quiet_load_avg": phases["quiet"]["load_avg_1min"],
-            "quiet_1thread_load_avg": phases["quiet_1thread"]["load_avg_1min"],
-            "contended_load_avg": phases["contended"]["load_avg_1min"], "max_rel_diff": diff,
+            "round_slowdowns": per_round[name], "rounds_no_worse": no_worse,
+            **{f"{ph}_load_avg": [r[ph]["load_avg_1min"] for r in rounds] for ph in ("quiet", "quiet_1thread", "contended")},
+            "max_rel_diff": diff,
         })
-        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes "
-            f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f})")
+        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes of {args.busy_threads} thread(s) "
+            f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}); "
+            f"per round " + " ".join(f"{s:.2f}" for s in per_round[name]))
+    log(f"  gatx's slowdown at most DGL's in {no_worse} of {args.rounds} rounds")
     write_json(args.json, env, rows)
     return 0
 

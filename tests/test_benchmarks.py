@@ -265,12 +265,13 @@ def test_compile_failure_is_recorded(bench_modules, monkeypatch) -> None:
 
 
 def test_contention_bench_rows(tmp_path) -> None:
-    """``bench_contention.py --tiny``: both systems agreed, were timed quiet (on all threads and on one)
-    and beside a busy process, and the busy process is gone afterwards (slowdown = contended / quiet median)."""
+    """``bench_contention.py --tiny`` in two rounds: both systems agreed, were timed quiet (on all threads and
+    on one) and beside a busy process of two threads, and the busy process is gone afterwards (slowdown =
+    contended / quiet median, pooled over the rounds; each round's own slowdown is listed too)."""
     out = tmp_path / "contention.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--json", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--rounds", "2", "--busy-threads", "2",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     if rows[0]["status"] == "skipped":
@@ -281,7 +282,9 @@ def test_contention_bench_rows(tmp_path) -> None:
         assert r["slowdown"] == pytest.approx(r["contended_median_ms"] / r["quiet_median_ms"])
         assert r["speedup_1_to_n"] == pytest.approx(r["quiet_1thread_median_ms"] / r["quiet_median_ms"])
         assert r["contended_over_1thread"] == pytest.approx(r["contended_median_ms"] / r["quiet_1thread_median_ms"])
-        assert r["busy_processes"] == 1 and r["quiet_median_ms"] > 0
+        assert r["busy_processes"] == 1 and r["busy_threads"] == 2 and r["quiet_median_ms"] > 0
+        assert r["rounds"] == 2 and len(r["round_slowdowns"]) == 2 and len(r["contended_load_avg"]) == 2
+        assert 0 <= r["rounds_no_worse"] <= 2
     left = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
