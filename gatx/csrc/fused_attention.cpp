@@ -123,7 +123,7 @@ inline bool bad_edge(int64_t other, int64_t e, int64_t n_other, int64_t n_edges)
 template <typename T>
 struct Args {
   int64_t n_rows, n_other, H, Dk, Dv;  // n_other: the number of nodes on the other side (nbr's range)
-  // rows of the pass: CSR by dst (forward, backward pass A) or by src (backward pass B)
+  // rows of the pass: CSR by dst (forward, backward pass A) or by src (backward pass B, the single pass)
   const int64_t* indptr;
   const int64_t* nbr;   // the other endpoint of each edge, in row order
   const int64_t* eid;   // edge id of each edge in row order
@@ -499,87 +499,15 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
   }
 }
 
-// ---------------------------------------------------------------- backward pass B (rows = src nodes)
-// dv (out) (N_src, H, Dv) and dk (additive (N_src, H), dot (N_src, H, Dk)); nbr = dst of each edge; 2 on
-// a bad index
-template <typename T, bool DOT, int HC, int DC>
-int backward_src(const Args<T>& args) {
-  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
-  const int64_t kw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows];
-  const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
-  int bad = 0;
-#pragma omp parallel num_threads(args.nthreads) reduction(| : bad)
-  {
-    const Args<T>& A = args;
-    T* dv = A.out;
-    T* dk = A.dk;
-    std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
-    T* __restrict s = vec.data();
-    T* __restrict fac = s + H;
-    T* __restrict c = fac + H;
-    T* __restrict kd = c + H;
-    T* __restrict a = kd + H;
-    T* __restrict da = a + H;
-    T* __restrict dz = da + H;
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t j = 0; j < A.n_rows; ++j) {
-      const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
-      if (bad || bad_row(p0, p0 + deg, n_edges)) {
-        bad = 1;
-        continue;
-      }
-      const T* vj = A.v + j * A.v_stride;
-      std::fill(accv.begin(), accv.end(), T(0));
-      std::fill(acck.begin(), acck.end(), T(0));
-      for (int64_t t = 0; t < deg; ++t) {
-        const int64_t i = A.nbr[p0 + t], e = A.eid[p0 + t];
-        prefetch_src_pass<T>(A, p0 + t, n_edges, nullptr, 0, kw, H, Dv);
-        if (bad_edge(i, e, A.n_other, n_edges)) {
-          bad = 1;
-          break;
-        }
-        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
-        edge_factor<T, HC>(A, e, c, kd);
-        const T* gi = A.g + i * H * Dv;
-        const T* lse_i = A.stat + i * 2 * H;
-        const T* delta_i = lse_i + H;
-#pragma omp simd
-        for (int64_t h = 0; h < H; ++h) a[h] = fast_exp(s[h] - lse_i[h]);  // p
-        if (dk) {
-          head_dots<T, HC, DC>(gi, vj, da, H, Dv);
-          const T* ga = A.ga ? A.ga + e * H : nullptr;
-#pragma omp simd
-          for (int64_t h = 0; h < H; ++h)
-            dz[h] = a[h] * (c[h] * (da[h] + (ga ? ga[h] : T(0))) - delta_i[h]) * fac[h];
-          if (DOT) {
-            for (int64_t h = 0; h < H; ++h)
-              axpy<T, DC>(dz[h] * A.scale, A.q + i * A.q_stride + h * Dk, acck.data() + h * Dk, Dk);
-          } else {
-#pragma omp simd
-            for (int64_t h = 0; h < H; ++h) acck[h] += dz[h];
-          }
-        }
-        if (dv) {
-#pragma omp simd
-          for (int64_t h = 0; h < H; ++h) a[h] *= c[h];
-          head_axpy<T, HC, DC>(a, gi, accv.data(), H, Dv);
-        }
-      }
-      if (bad) continue;
-      if (dv) std::copy(accv.begin(), accv.end(), dv + j * A.out_stride);
-      if (dk) std::copy(acck.begin(), acck.end(), dk + j * A.dk_stride);
-    }
-  }
-  return bad ? 2 : 0;
-}
-
-// ---------------------------------------------------------------- the single backward pass (rows = src nodes)
+// ---------------------------------------------------------------- backward over the src rows: pass B and the single pass
 // Every gradient in one pass over the src rows, without the dst pass (and its gather of v per edge):
 // delta[i] = sum_e p c da = <g[i], o[i]> (o = the forward's output; no attention gradient ga), then per
-// edge dz as in pass B, with dq[i] += dz scattered into per-thread buffers (summed into dq at the end)
-// and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
+// edge dz = p (c da - delta) ds/dz, with dq[i] += dz scattered into per-thread buffers (summed into dq at
+// the end) and dbias[e], dw[e] written by edge id. Outputs: out = dv, dk, dq, attn = dbias, dw (each or null).
 // dq's partial sums are grouped by thread (rows handed out dynamically), so its last bits can differ
-// from run to run on several threads; passes 1 + 2 give the same bits on any thread count. 2 on a bad index.
+// from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
+// Pass B (o null): delta is already in stat (pass A wrote it, with the attention gradient ga, which da
+// then includes); only dv and dk, each row summed in edge order. 2 on a bad index.
 template <typename T, bool DOT, int HC, int DC>
 int backward_single(const Args<T>& args) {
   const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
@@ -611,7 +539,7 @@ int backward_single(const Args<T>& args) {
     std::vector<T> gsum(A.dob ? H * Dv : 0), obd(A.ob ? H : 0);
     // dynamic here too, and in the dq reduction: a static half waits for its thread when it is descheduled
 #pragma omp for schedule(dynamic, chunk_dst)
-    for (int64_t i = 0; i < n_dst; ++i) {
+    for (int64_t i = 0; i < (A.o ? n_dst : 0); ++i) {  // pass B: delta is in stat, no dq
       const T* __restrict g_i = A.g + i * H * Dv;
       T* __restrict delta_i = stat + i * 2 * H + H;
       head_dots<T, HC, DC>(g_i, A.o + i * H * Dv, delta_i, H, Dv);
@@ -642,7 +570,7 @@ int backward_single(const Args<T>& args) {
       B.q_stride = qd;
     }
     T* __restrict dqt = A.dq ? base + tid * n_dst * qd + dq_at : nullptr;
-    std::vector<T> vec(7 * H), accv(H * Dv), acck(kw);
+    std::vector<T> vec(8 * H), accv(H * Dv), acck(kw);
     T* __restrict s = vec.data();
     T* __restrict fac = s + H;
     T* __restrict c = fac + H;
@@ -650,6 +578,7 @@ int backward_single(const Args<T>& args) {
     T* __restrict p = kd + H;
     T* __restrict da = p + H;
     T* __restrict dz = da + H;
+    const T* __restrict no_ga = dz + H;  // H zeros: da + ga without a branch when there is no ga
     // dynamic: under contention (other processes on the cores) static chunks wait for a descheduled thread
     // (measured 100k nodes, load 9: a GAT layer's fwd+bwd 4.46 s static, 2.98 s dynamic)
 #pragma omp for schedule(dynamic, chunk)
@@ -676,9 +605,11 @@ int backward_single(const Args<T>& args) {
         const T* lse_i = A.stat + i * 2 * H;
         const T* delta_i = lse_i + H;
         head_dots<T, HC, DC>(gi, vj, da, H, Dv);
+        const T* __restrict ga = A.ga ? A.ga + e * H : no_ga;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) {
           p[h] = fast_exp(s[h] - lse_i[h]);
+          da[h] += ga[h];
           dz[h] = p[h] * (c[h] * da[h] - delta_i[h]) * fac[h];
         }
         if (DOT) {
@@ -736,8 +667,7 @@ template <typename T, bool DOT, int HC, int DC>
 int run3(int which, const Args<T>& A) {
   if (which == 0) return forward<T, DOT, HC, DC>(A);
   if (which == 1) return backward_dst<T, DOT, HC, DC>(A);
-  if (which == 2) return backward_src<T, DOT, HC, DC>(A);
-  return backward_single<T, DOT, HC, DC>(A);
+  return backward_single<T, DOT, HC, DC>(A);  // 2 (pass B) and 3
 }
 
 // Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
@@ -771,6 +701,8 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   if ((ob && which != 0 && which != 3) || (dob && (which != 3 || !ob))) return 1;
   // the single pass needs g, o and stat (unless they are empty), and no ga
   if (which == 3 && (ga || ((!g || !o || !stat) && n_other * H * Dv > 0))) return 1;
+  // pass B reads delta from stat (pass A wrote it) and writes dv and dk only
+  if (which == 2 && (o || dq || attn || dw)) return 1;
   const int64_t kw = dot ? H * Dk : H;  // the width of a row of q or k
   // q k v out dk dq; out: (N, H, Dv) in the forward and pass B / single (dv), q's width in pass A (dq)
   const int64_t width[6] = {kw, kw, H * Dv, which == 1 ? kw : H * Dv, kw, kw};
