@@ -72,6 +72,17 @@ def features(n, width, dtype, prefix=()):
     return torch.randn(n, *prefix, width, generator=gen, dtype=dtype).requires_grad_()
 
 
+@pytest.mark.parametrize("backend, dtype", [(None, torch.float32), ("fused", torch.float64)])
+def test_gatconv_output_bias_inside_the_op(backend, dtype):
+    """No residual: the layer hands its bias to the op, which the traced custom op adds in the kernel."""
+    g = warm(random_graph(12, 12, 40, self_loops=True))
+    layer = gatx.GATConv(6, 4, 3, backend=backend).to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()
+    assert_compiled_matches(layer, g, features(12, 6, dtype), get_attention=True)
+    assert_compiled_matches(layer, g, features(12, 6, dtype))
+
+
 @pytest.mark.parametrize("backend, dtype", [(None, torch.float32), ("fused", torch.float64), ("torch", torch.float64)])
 def test_gatconv_residual_bias_edge_weight_attention(backend, dtype):
     g = warm(random_graph(12, 12, 40, self_loops=True))

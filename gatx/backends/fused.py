@@ -26,7 +26,7 @@ in float32 copies (twice their bytes, kept for backward) and the results are cas
 10k nodes / 110k edges, 8 heads x 8, fwd+bwd, 4x faster than the torch backend's half path.
 
 Under ``torch.compile`` (``fullgraph=True`` works) the kernel runs through the custom operators
-``gatx::fused_attention`` / ``gatx::fused_attention_backward`` of :mod:`gatx.ops._library`, which take
+``gatx::fused_attention2`` / ``gatx::fused_attention2_backward`` of :mod:`gatx.ops._library`, which take
 the graph's CSR / CSC tensors instead of the Graph (built inside the trace when not cached yet, and
 then cached on the Graph); eager calls keep this module's autograd.Function (no dispatcher cost).
 A compiled function cannot be differentiated twice (a torch.compile limit); eager double backward works.
@@ -50,7 +50,7 @@ from ..graph import Graph
 from ..ops._bias import add_out_bias
 from ..ops._layout import side_by_side
 from .fused_build import GatxKernelCacheWarning, build, cache_dir
-from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention custom ops (used while compiling)
+from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention2 custom ops (used while compiling)
 
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
@@ -388,7 +388,7 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
                      return_attention: bool, out_bias: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op); the (H, Dv)
     ``out_bias`` is added in the kernel's forward and its gradient summed in its single backward pass
-    (float32 / float64 and eager only: otherwise it is added afterwards)."""
+    (float32 / float64 only: half precision adds it to the cast result)."""
     H = v.shape[1]
     keep, keep_scale = None, 1.0
     if dropout_p > 0.0:
@@ -415,16 +415,14 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
     if edge_weight is not None and edge_weight.dim() == 2 and edge_weight.shape[1] == 1 and H != 1:
         edge_weight = edge_weight.squeeze(1)  # (E,): the kernel broadcasts it over the heads
     edge_weight = edge_weight.contiguous() if edge_weight is not None else None
-    if torch.compiler.is_compiling():
-        res = _cast(half, _traced(graph, q, k, v, bias, edge_weight, keep, score == "dot", float(scale) if scale is not None else 1.0,
-                                  float(negative_slope), keep_scale, return_attention))
-        return add_out_bias(res, out_bias)
     inside = out_bias is not None and half is None
-    out, attn = _FusedAttention.apply(
-        q, k, v, bias, edge_weight, keep, graph, score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope),
-        keep_scale, return_attention, out_bias.expand(H, v.shape[2]).contiguous() if inside else None,
-    )
-    res = _cast(half, (out, attn) if return_attention else out)
+    ob = out_bias.expand(H, v.shape[2]).contiguous() if inside else None
+    consts = (score == "dot", float(scale) if scale is not None else 1.0, float(negative_slope), keep_scale, return_attention)
+    if torch.compiler.is_compiling():
+        res = _cast(half, _traced(graph, q, k, v, bias, edge_weight, keep, *consts, ob))
+    else:
+        out, attn = _FusedAttention.apply(q, k, v, bias, edge_weight, keep, graph, *consts, ob)
+        res = _cast(half, (out, attn) if return_attention else out)
     return res if inside else add_out_bias(res, out_bias)
 
 
@@ -436,16 +434,18 @@ def _cast(dtype: torch.dtype | None, res: Tensor | tuple[Tensor, Tensor]) -> Ten
 
 
 def _traced(graph: Graph, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, ew: Tensor | None, keep: Tensor | None,
-            dot: bool, scale: float, slope: float, keep_scale: float, want_attn: bool) -> Tensor | tuple[Tensor, Tensor]:
-    """The fused kernel through the ``gatx::fused_attention`` custom op (what torch.compile traces);
+            dot: bool, scale: float, slope: float, keep_scale: float, want_attn: bool,
+            ob: Tensor | None) -> Tensor | tuple[Tensor, Tensor]:
+    """The fused kernel through the ``gatx::fused_attention2`` custom op (what torch.compile traces);
     the graph's CSC is built (in the traced graph, cached on the Graph) only when a gradient is needed."""
     csr = graph.csr()
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, ew)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, ew, ob)):
         c = graph.csc()
         csc = (c.indptr, c.dst, c.perm)
     else:
         csc = (csr.indptr.new_empty(0),) * 3
-    out, _, attn = torch.ops.gatx.fused_attention(
+    out, _, attn = torch.ops.gatx.fused_attention2(
         csr.indptr, csr.src, csr.perm, *csc, q, k, v, bias, ew, keep, graph.num_src, dot, scale, slope, keep_scale, want_attn,
+        ob,
     )
     return (out, attn) if want_attn else out

@@ -81,7 +81,7 @@ class GATConv(nn.Module):
             nodes the residual is skipped, as current DGL does.
 
     ``torch.compile(layer, fullgraph=True)`` works on CPU (the fused kernel runs as the custom op
-    ``gatx::fused_attention``; the zero-in-degree check runs inside the compiled code and raises the
+    ``gatx::fused_attention2``; the zero-in-degree check runs inside the compiled code and raises the
     same error). A graph first used inside a compiled function gets its CSR / CSC built in the trace
     and cached on it, so the next call compiles once more; a graph already used eagerly compiles once.
 

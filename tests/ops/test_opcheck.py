@@ -58,8 +58,8 @@ def test_fused_attention_passes_opcheck(dot, dtype, bias, weight, dropout, want_
     q, k, v, b, w, keep = inputs(g, 2, 3, dtype, dot, bias=bias, weight=weight, dropout=dropout, grad=grad)
     keep_scale = 1 / 0.7 if dropout else 1.0
     args = (*graph_tensors(g), q, k, v, b, w, keep, g.num_src, dot, 0.5, 0.2, keep_scale, want_attn)
-    torch.library.opcheck(torch.ops.gatx.fused_attention.default, args)
-    out, stat, attn = torch.ops.gatx.fused_attention(*args)
+    torch.library.opcheck(torch.ops.gatx.fused_attention2.default, args)
+    out, stat, attn = torch.ops.gatx.fused_attention2(*args)
     assert attn.shape == ((g.num_edges, 2) if want_attn else (0, 2))
     assert stat.shape == (g.num_dst, 2, 2)
     # the op gives the values of the public op on the torch backend (which draws no mask: compare without dropout)
@@ -77,15 +77,19 @@ def test_fused_attention_backward_passes_opcheck(dot):
     g = gatx.Graph(torch.randint(0, 6, (24,)), torch.randint(0, 5, (24,)), 6, 5)
     q, k, v, b, w, keep = inputs(g, 2, 3, torch.float64, dot, weight="EH", dropout=True, grad=False)
     args = (*graph_tensors(g), q, k, v, b, w, keep, g.num_src, dot, 0.5, 0.2, 1 / 0.7, True)
-    out, stat, attn = torch.ops.gatx.fused_attention(*args)
-    cases = [([True] * 5, torch.randn_like(attn)), ([False, True, False, False, True], torch.randn_like(attn)),
-             ([True] * 5, None)]  # no attention gradient: the single-pass backward
-    for needs, g_attn in cases:
+    out, stat, attn = torch.ops.gatx.fused_attention2(*args)
+    ob = torch.randn(2, 4, dtype=torch.float64)
+    cases = [([True] * 5, torch.randn_like(attn), None), ([False, True, False, False, True], torch.randn_like(attn), None),
+             ([True] * 5, None, None),  # no attention gradient: the single-pass backward
+             ([True] * 6, None, ob), ([True, False, True, False, False, True], torch.randn_like(attn), ob)]
+    for needs, g_attn, out_bias in cases:
         bargs = (*graph_tensors(g), q, k, v, b, w, keep, stat, out, torch.randn_like(out), g_attn,
-                 g.num_src, dot, 0.5, 0.2, 1 / 0.7, needs)
-        torch.library.opcheck(torch.ops.gatx.fused_attention_backward.default, bargs)
-        grads = torch.ops.gatx.fused_attention_backward(*bargs)
-        assert [g_.numel() > 0 for g_ in grads] == needs
+                 g.num_src, dot, 0.5, 0.2, 1 / 0.7, needs, out_bias)
+        torch.library.opcheck(torch.ops.gatx.fused_attention2_backward.default, bargs)
+        grads = torch.ops.gatx.fused_attention2_backward(*bargs)
+        assert [g_.numel() > 0 for g_ in grads] == needs + [False] * (6 - len(needs))
+        if out_bias is not None:  # the out_bias gradient: the sum of the output gradient's rows
+            torch.testing.assert_close(grads[5], bargs[14].sum(0))
 
 
 @pytest.mark.parametrize("dot", [False, True])
@@ -95,12 +99,14 @@ def test_fused_attention_first_and_second_derivatives(dot):
     q, k, v, b, w, keep = inputs(g, 2, 2, torch.float64, dot, weight="E", dropout=True)
     gt = graph_tensors(g)
 
-    def f(q, k, v, b, w):
-        out, _, attn = torch.ops.gatx.fused_attention(*gt, q, k, v, b, w, keep, g.num_src, dot, 0.7, 0.2, 1 / 0.7, True)
+    ob = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+
+    def f(q, k, v, b, w, ob):
+        out, _, attn = torch.ops.gatx.fused_attention2(*gt, q, k, v, b, w, keep, g.num_src, dot, 0.7, 0.2, 1 / 0.7, True, ob)
         return out, attn
 
-    assert torch.autograd.gradcheck(f, (q, k, v, b, w))
-    assert torch.autograd.gradgradcheck(f, (q, k, v, b, w))
+    assert torch.autograd.gradcheck(f, (q, k, v, b, w, ob))
+    assert torch.autograd.gradgradcheck(f, (q, k, v, b, w, ob))
 
 
 @pytest.mark.parametrize("n_src, n_dst, E, H", [(4, 3, 0, 2), (4, 0, 0, 2), (3, 3, 5, 0)])
@@ -112,8 +118,8 @@ def test_fused_attention_opcheck_on_empty_input(n_src, n_dst, E, H):
     g = gatx.Graph(src, dst, n_src, n_dst)
     q, k, v, b, w, keep = inputs(g, H, 2, torch.float64, False)
     args = (*graph_tensors(g), q, k, v, b, w, keep, g.num_src, False, 1.0, 0.2, 1.0, True)
-    torch.library.opcheck(torch.ops.gatx.fused_attention.default, args)
-    out, _, attn = torch.ops.gatx.fused_attention(*args)
+    torch.library.opcheck(torch.ops.gatx.fused_attention2.default, args)
+    out, _, attn = torch.ops.gatx.fused_attention2(*args)
     assert out.shape == (n_dst, H, 3) and attn.shape == (E, H)
     assert not out.any()  # rows without edges give zeros
     out.sum().backward()
@@ -124,3 +130,16 @@ def test_check_in_degrees_passes_opcheck_and_raises():
     torch.library.opcheck(torch.ops.gatx.check_in_degrees.default, (torch.tensor([1, 2, 1]),))
     with pytest.raises(gatx.nn.ZeroInDegreeError, match="2 dst nodes have no incoming edge"):
         torch.ops.gatx.check_in_degrees(torch.tensor([1, 0, 3, 0]))
+
+
+@pytest.mark.parametrize("dot", [False, True])
+def test_fused_attention_with_out_bias_passes_opcheck(dot):
+    """The (H, Dv) output bias is added by the forward and its gradient comes from the backward op."""
+    g = gatx.Graph(torch.randint(0, 6, (24,)), torch.randint(0, 5, (24,)), 6, 5)
+    q, k, v, b, w, keep = inputs(g, 2, 3, torch.float64, dot)
+    ob = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    args = (*graph_tensors(g), q, k, v, b, w, keep, g.num_src, dot, 0.5, 0.2, 1.0, False, ob)
+    torch.library.opcheck(torch.ops.gatx.fused_attention2.default, args)
+    out, _, _ = torch.ops.gatx.fused_attention2(*args)
+    plain, _, _ = torch.ops.gatx.fused_attention2(*args[:-1])
+    torch.testing.assert_close(out, plain + ob)
