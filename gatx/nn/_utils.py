@@ -257,11 +257,23 @@ def _weight_grad(p: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
 
 
 def _attn_grads(feat: Tensor, g_el: Tensor | None, g_er: Tensor | None, n_dst: int, need_l: bool,
-                need_r: bool) -> tuple[Tensor | None, Tensor | None]:
-    """The gradients (1, H, D) of attn_l and attn_r from the score terms' gradients (None where not needed)."""
-    gl = _diag_blocks(g_el.t() @ feat, g_el.shape[1]) if need_l and g_el is not None else None
-    gr = _diag_blocks(g_er.t() @ feat[:n_dst], g_er.shape[1]) if need_r and g_er is not None else None
-    return gl, gr
+                need_r: bool, p: Tensor | None = None, weight: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients (1, H, D) of attn_l and attn_r from the score terms' gradients (None where not needed).
+
+    Each is the diagonal of ``g.t() @ feat`` (H, H*D). Given ``p``, the weight gradient's product
+    ``[g_feat | g_el | g_er].t() @ x`` (H*D + 2H, F), and the weight, it is ``(g.t() @ x) @ weight.t()``
+    from p's rows: a (2H, F) x (F, H*D) product instead of a pass over feat's N rows (100k nodes, 8 x 8
+    heads: 6-8 ms)."""
+    out = []
+    for g, need, term, rows in ((g_el, need_l, 0, feat.shape[0]), (g_er, need_r, 1, n_dst)):
+        if not need or g is None:
+            out.append(None)
+            continue
+        H = g.shape[1]
+        lo = p.shape[0] - 2 * H + term * H if p is not None else 0
+        m = p[lo:lo + H] @ weight.t() if p is not None else g.t() @ feat[:rows]  # (H, H*D)
+        out.append(_diag_blocks(m, H))
+    return out[0], out[1]
 
 
 def _folded_weight(weight: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
@@ -278,9 +290,9 @@ class _ScoredProjection(torch.autograd.Function):
     Backward sends the score gradients (N, H) to ``x`` and ``weight`` through the folded rows of
     :func:`_folded_weight`, so no (N, H*D) gradient is made for them, and none for the dst rows' slice.
     When the gradients arrive as column slices of one buffer (the fused backend's layout), each of
-    x's and the weight's gradients is one product with that buffer, and the attention vectors' one
-    product with feat (100k nodes, 128 -> 8 x 8, 2 threads, the products alone in alternating runs on a
-    loaded machine, minima: forward 36 -> 24 ms, backward 84 -> 44 ms).
+    x's and the weight's gradients is one product with that buffer (100k nodes, 128 -> 8 x 8, 2 threads,
+    the products alone in alternating runs on a loaded machine, minima: forward 36 -> 24 ms, backward
+    84 -> 44 ms); the attention vectors' gradients come from the weight's product (:func:`_attn_grads`).
     """
 
     @staticmethod
@@ -304,28 +316,23 @@ class _ScoredProjection(torch.autograd.Function):
         # (N, H*D + 2H) [g_feat | g_el | g_er] when the fused backend wrote them so (its _side_by_side_grads)
         g_all = side_by_side(g_feat, g_el, g_er)
         if g_all is not None:
-            hd = feat.shape[1]
             gx = g_all @ _folded_weight(weight, attn_l, attn_r) if need_x else None  # (N, F)
-            gw = _weight_grad(g_all.t() @ x, attn_l, attn_r) if need_w else None  # (H*D, F)
-            gl = gr = None
-            if need_l or need_r:
-                m = g_all[:, hd:].t() @ feat  # (2H, H*D)
-                gl = _diag_blocks(m[:H], H) if need_l else None
-                gr = _diag_blocks(m[H:], H) if need_r else None
-            return gx, gw, gl, gr, None
+            p = g_all.t() @ x if need_w else None  # (H*D + 2H, F)
+            gw = _weight_grad(p, attn_l, attn_r) if need_w else None  # (H*D, F)
+            return (gx, gw) + _attn_grads(feat, g_el, g_er, n, need_l, need_r, p, weight) + (None,)
         terms = [(g, a, rows) for g, a, rows in ((g_el, attn_l, None), (g_er, attn_r, n)) if g is not None]
         gx = gw = None
         if need_x:
             gx = g_feat @ weight if g_feat is not None else x.new_zeros(x.shape)  # (N, F)
             for g, a, rows in terms:
                 (gx if rows is None else gx[:rows]).addmm_(g, (weight.t() @ head_blocks(a)).t())
+        p = None
         if need_w:  # a product over x per term: no (N, H*D + 2H) stack of the gradients is made
             rows, widths = (x.shape[0], x.shape[0], n), (feat.shape[1], H, H)
             p = torch.cat([g.t() @ x[:r] if g is not None else x.new_zeros((w, x.shape[1]))
                            for g, w, r in zip((g_feat, g_el, g_er), widths, rows)])  # (H*D + 2H, F)
             gw = _weight_grad(p, attn_l, attn_r)
-        gl, gr = _attn_grads(feat, g_el, g_er, n, need_l, need_r)
-        return gx, gw, gl, gr, None
+        return (gx, gw) + _attn_grads(feat, g_el, g_er, n, need_l, need_r, p, weight) + (None,)
 
 
 class _SparseScoredProjection(torch.autograd.Function):
@@ -347,11 +354,11 @@ class _SparseScoredProjection(torch.autograd.Function):
         weight, attn_l, attn_r, feat = ctx.saved_tensors
         n, H = ctx.n_dst, attn_l.shape[1]
         need_w, need_l, need_r = ctx.needs_input_grad[2:5]
-        gw = None
+        gw = p = None
         if need_w:
-            gw = _weight_grad((ctx.xt @ _stacked_grads(feat, (g_feat, g_el, g_er), H, n)).t(), attn_l, attn_r)
-        gl, gr = _attn_grads(feat, g_el, g_er, n, need_l, need_r)
-        return None, None, gw, gl, gr, None
+            p = (ctx.xt @ _stacked_grads(feat, (g_feat, g_el, g_er), H, n)).t()  # (H*D + 2H, F)
+            gw = _weight_grad(p, attn_l, attn_r)
+        return (None, None, gw) + _attn_grads(feat, g_el, g_er, n, need_l, need_r, p, weight) + (None,)
 
 
 # id(x) -> (weak ref to x, its version, (CSR copy, its transpose) or None, looks sparse): dense features
