@@ -252,6 +252,18 @@ inline int64_t chunk_for(int64_t n, int nthreads) {
 
 constexpr double kNegInf = -std::numeric_limits<double>::infinity();
 
+// An output row: the accumulator, plus the layer's output bias ob when given (added here instead of by
+// another pass over the output).
+template <typename T>
+inline void store_out(T* __restrict out, const T* __restrict acc, const T* __restrict ob, int64_t n) {
+  if (!ob) {
+    std::copy(acc, acc + n, out);
+    return;
+  }
+#pragma omp simd
+  for (int64_t x = 0; x < n; ++x) out[x] = acc[x] + ob[x];
+}
+
 // ---------------------------------------------------------------- forward (rows = dst nodes)
 // Returns 2 when an index is out of range (see bad_row), else 0.
 template <typename T, bool DOT, int HC, int DC>
@@ -293,11 +305,8 @@ int forward(const Args<T>& args) {
       T* out_i = A.out + i * H * Dv;
       T* lse_i = A.stat + i * 2 * H;
       if (deg == 0) {
-        if (A.ob) {
-          std::copy(A.ob, A.ob + H * Dv, out_i);
-        } else {
-          std::fill(out_i, out_i + H * Dv, T(0));
-        }
+        std::fill(accp, accp + H * Dv, T(0));
+        store_out(out_i, accp, A.ob, H * Dv);
         std::fill(lse_i, lse_i + H, T(0));
         continue;
       }
@@ -354,13 +363,7 @@ int forward(const Args<T>& args) {
         if (attn) std::copy(a, a + H, attn + e * H);
         head_axpy<T, HC, DC>(a, v + j * A.v_stride, accp, H, Dv);
       }
-      if (A.ob) {  // the layer's output bias, added here instead of by another pass over the output
-        const T* __restrict ob = A.ob;
-#pragma omp simd
-        for (int64_t x = 0; x < H * Dv; ++x) out_i[x] = accp[x] + ob[x];
-      } else {
-        std::copy(accp, accp + H * Dv, out_i);
-      }
+      store_out(out_i, accp, A.ob, H * Dv);
     }
   }
   return bad ? 2 : 0;

@@ -109,7 +109,8 @@ def _fused_attention_backward_fake(indptr, src, perm, csc_indptr, csc_dst, csc_p
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    out_bias = inputs[_TENSORS + 6] if len(inputs) > _TENSORS + 6 else None  # after the six scalars
+    # out_bias comes after the six scalars; a traced call leaves the default out (eager calls pass it as None)
+    out_bias = inputs[_TENSORS + 6] if len(inputs) > _TENSORS + 6 else None
     ctx.save_for_backward(*inputs[:_TENSORS], output[1], output[0], out_bias)
     ctx.consts = inputs[_TENSORS:_TENSORS + 5]  # num_src, dot, scale, slope, keep_scale
     ctx.mark_non_differentiable(output[1])
@@ -119,7 +120,7 @@ def _backward(ctx: Any, g_out: Tensor | None, g_stat: Tensor | None, g_attn: Ten
     indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, fwd_out, out_bias = ctx.saved_tensors
     num_src, dot, scale, slope, keep_scale = ctx.consts
     needs = tuple(bool(n) for n in ctx.needs_input_grad[6:11])
-    need_ob = len(ctx.needs_input_grad) > _TENSORS + 6 and bool(ctx.needs_input_grad[_TENSORS + 6])
+    need_ob = len(ctx.needs_input_grad) > _TENSORS + 6 and bool(ctx.needs_input_grad[_TENSORS + 6])  # see _setup_context
     none = (None,) * 6
     g_attn = g_attn if g_attn is not None and g_attn.numel() else None
     if g_out is None and g_attn is None:
