@@ -18,13 +18,13 @@ run those); first-order gradients only (use ``backend="torch"`` for double backw
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._amp import autocast_off
 from ..graph import Graph
 
 NAME = "blocks"
@@ -118,8 +118,10 @@ class _RoutedAttention(torch.autograd.Function):
                 l = l.mul_(alpha).add_(p.sum(-1, keepdim=True))
                 acc = acc.mul_(alpha).add_(torch.matmul(p, vt))
                 m = m_new
-        out = acc.div_(l)  # (G, H, P, Dv)
-        lse = m.add_(l.log_())  # (G, H, P, 1)
+        # the saved tensors are made out of place: torch 2.11's compiled backward read wrong values for
+        # saved results of in-place ops (tests/vision/test_vision_compile.py on 2.11)
+        out = acc / l  # (G, H, P, Dv)
+        lse = m + l.log()  # (G, H, P, 1)
         ctx.save_for_backward(q, k, v, sel, out, lse)
         ctx.scale = scale
         return out
@@ -168,7 +170,7 @@ def sparse_attention(graph: Graph, q: Tensor, k: Tensor, v: Tensor, *, score: st
     acc = torch.float32 if v.dtype in (torch.float16, torch.bfloat16) else v.dtype
     qr, kr, vr = (_to_regions(t, B, Y, X, n).to(acc) for t in (q, k, v))
     dev = q.device.type  # the routes run in the dtype chosen above, not autocast's
-    with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
+    with autocast_off(dev):
         out = _RoutedAttention.apply(qr, kr, vr, sel, float(scale))  # (B*R, H, P, Dv)
     H, Dv = v.shape[1], v.shape[2]
     out = out.view(B, n, n, H, Y // n, X // n, Dv).permute(0, 1, 4, 2, 5, 3, 6)  # (B, n, h, n, w, H, Dv)

@@ -1,7 +1,6 @@
 """Shared helpers of the graph layers: graph coercion, dropout and projections that keep sparse features sparse."""
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from collections import OrderedDict
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._amp import autocast_off
 from ..graph import Graph
 from ..ops._layout import side_by_side
 
@@ -153,7 +153,7 @@ def float32_sparse(x: Tensor) -> Any:
     """A context with autocast off on ``x``'s device: torch's sparse matmuls have no float16 / bfloat16
     kernels on CPU, so under autocast a sparse projection runs in float32 (the ops after it in autocast's dtype)."""
     dev = x.device.type
-    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+    return autocast_off(dev)
 
 
 def project_heads(x: Tensor, scale: Tensor, weight: Tensor) -> Tensor:

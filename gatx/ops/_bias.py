@@ -75,10 +75,10 @@ class TableBias:
         return self.index.numel()
 
     def with_table(self, table: Tensor) -> "TableBias":
-        """The same bias reading ``table`` (same shape; e.g. cast to another dtype)."""
+        """The same bias reading ``table`` (same shape; e.g. cast to another dtype). A subclass with more
+        state overrides this (no generic copy of ``__dict__``: Dynamo 2.11 cannot trace one)."""
         out = object.__new__(type(self))
-        out.__dict__.update(self.__dict__)
-        out.table = table
+        out.table, out.index, out.repeat = table, self.index, self.repeat
         return out
 
     def tile_rows(self, tiling: Any) -> Tensor | None:

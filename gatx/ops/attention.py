@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._amp import autocast_available
 from ..graph import Graph
 from . import _checks as C
 from ._bias import TableBias, add_out_bias
@@ -34,7 +35,7 @@ def _autocast(graph: Graph, *tensors: Tensor | None) -> tuple[Tensor | None, ...
     autocast's dtype (the rule autocast applies to matmul and attention), e.g. a float32 bias or
     attention vector meeting bfloat16 projections; outside autocast the tensors as given."""
     dev = graph.device.type
-    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+    if not (autocast_available(dev) and torch.is_autocast_enabled(dev)):
         return tensors
     dt = torch.get_autocast_dtype(dev)
     return tuple(t.to(dt) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)

@@ -116,6 +116,9 @@ class _GridBias(TableBias):
         self.table, self.index, self.repeat = table, structure.rel_pos_index, repeat
         self._structure = structure
 
+    def with_table(self, table: Tensor) -> "_GridBias":
+        return _GridBias(table, self._structure, self.repeat)
+
     def tile_rows(self, tiling: Any) -> Tensor | None:
         return self._structure.tile_rows if tiling is self._structure.tiling else None
 
@@ -230,6 +233,28 @@ def _build_while_tracing(module: str, name: str, args: tuple) -> str:
 
 
 _build_while_tracing._dynamo_marked_constant = True
+
+
+def build_cache(maxsize: int = 32) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``functools.lru_cache(maxsize)`` for a builder given to :func:`cached`, behind a plain function.
+
+    :func:`cached` reads the builder's ``__module__`` and ``__name__`` while Dynamo traces. On an
+    ``lru_cache`` object Dynamo 2.11 cannot read them as constants (``fullgraph=True`` then fails
+    with "WrapperUserFunctionVariable() is not a constant"); on a plain function every release can.
+    """
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        memo = functools.lru_cache(maxsize=maxsize)(fn)
+
+        @functools.wraps(fn)
+        def builder(*args: Any) -> Any:
+            return memo(*args)
+
+        builder.cache_clear = memo.cache_clear  # type: ignore[attr-defined]
+        builder.cache_info = memo.cache_info  # type: ignore[attr-defined]
+        return builder
+
+    return wrap
 
 
 def cached(builder: Callable[..., Any], *args: Any) -> Any:
@@ -402,7 +427,7 @@ def neighborhood_graph(
     return cached(_neighborhood_graph, shape, k, d, causal, _device_key(device))
 
 
-@functools.lru_cache(maxsize=32)
+@build_cache(32)
 def _neighborhood_graph(shape: tuple, k: tuple, d: tuple, causal: tuple, device: str) -> Graph:
     tile = TILE[len(shape)]
     axes = [_neighborhood_axis(L, ka, da, ca, tile) for L, ka, da, ca in zip(shape, k, d, causal)]
@@ -455,7 +480,7 @@ def window_graph(
     return cached(_window_graph, shape, w, s, _device_key(device))
 
 
-@functools.lru_cache(maxsize=32)
+@build_cache(32)
 def _window_graph(shape: tuple, w: tuple, s: tuple, device: str) -> Graph:
     axes = [_window_axis(L, wa, sa) for L, wa, sa in zip(shape, w, s)]
     return _build("window", shape, w, (1,) * len(shape), s, (False,) * len(shape), axes, device)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..backends.blocks import RegionBlocks
 from ..graph import Graph
-from .grid import _check_int, _device_key, cached
+from .grid import _check_int, _device_key, build_cache, cached
 
 __all__ = ["region_pool", "region_table", "routed_region_graph"]
 
@@ -52,14 +52,14 @@ def region_table(height: int, width: int, n_win: int, *, device: torch.device | 
     return _region_table(height, width, n_win, _device_key(device))
 
 
-@functools.lru_cache(maxsize=32)
+@build_cache(32)
 def _region_table(Y: int, X: int, n: int, device: str) -> Tensor:
     h, w = Y // n, X // n
     pix = torch.arange(Y * X).view(n, h, n, w).permute(0, 2, 1, 3)  # (n, n, h, w): region row, col, then pixel
     return pix.reshape(n * n, h * w).to(device)  # (R, P)
 
 
-@functools.lru_cache(maxsize=32)
+@build_cache(32)
 def _pixel_region(Y: int, X: int, n: int, device: str) -> Tensor:
     h, w = Y // n, X // n
     ry = torch.arange(Y) // h

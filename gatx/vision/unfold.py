@@ -27,7 +27,6 @@ device): calling one in every forward pass is a lookup.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..graph import Graph
-from .grid import cached
+from .grid import build_cache, cached
 
 __all__ = ["UnfoldStructure", "fold", "unfold_graph"]
 
@@ -145,7 +144,7 @@ def unfold_graph(
     return cached(_unfold_graph, height, width, kernel_size, stride, padding, dilation, pad_mode, queries, dev)
 
 
-@functools.lru_cache(maxsize=32)
+@build_cache(32)
 def _unfold_graph(Y: int, X: int, k: int, s: int, p: int, d: int, mode: str, queries: str, device: str) -> Graph:
     pos_y, src_y = _axis(Y, k, s, p, d, mode)  # (Y_out, k) each
     pos_x, src_x = _axis(X, k, s, p, d, mode)  # (X_out, k) each
