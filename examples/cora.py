@@ -18,6 +18,7 @@ the test accuracy of the kept model. Features are row-normalised and stay sparse
     python examples/cora.py --impl dgl             # same model, data and loop on dgl.nn.GATConv
     python examples/cora.py --runs 1 --log-every 1 # one seed, a line per epoch
     python examples/cora.py --plot                 # also a training-curve PNG beside the metrics file
+    python examples/cora.py --device cuda          # on a GPU (gatx's Triton kernels; pip install triton)
 
 Progress: a bar over all runs and epochs with an ETA when stderr is a terminal, plus a plain line every
 ``--log-every`` epochs and one per run (with elapsed time and ETA). The run ends with a table (per-run
@@ -186,8 +187,9 @@ def train_one(args, seed: int, conv, graph, x: Tensor, data, run: int, progress:
     model = GAT(conv, x.shape[1], data.num_classes, out_heads, style=args.dropout)
     if args.init == "paper":
         glorot_per_head(model)
+    model.to(x.device)  # initialised on the CPU: the same weights for a seed on every device
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
-    y, train, val, test = data.labels, data.train_mask, data.val_mask, data.test_mask
+    y, train, val, test = (t.to(x.device) for t in (data.labels, data.train_mask, data.val_mask, data.test_mask))
     stopper, saved, times = EarlyStopping(args.patience, args.stop), None, []
     history = {k: [] for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_acc", "ms")}
     for epoch in range(1, args.epochs + 1):
@@ -227,12 +229,20 @@ def build(args, data):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", gatx.GatxDGLWorkaroundWarning)  # the header says which DGL runs
             dgl = gatx.import_dgl()
-        return dgl.nn.GATConv, graph.to_dgl(), x.to_dense(), ("dgl", f"dgl.nn.GATConv (DGL {dgl.__version__}), dense features")
+        g = graph.to_dgl()
+        if args.device != "cpu":
+            try:
+                g = g.to(args.device)
+            except Exception as err:  # noqa: BLE001 - DGL's CPU-only builds refuse CUDA with their own error types
+                raise gatx.ops.BackendUnavailable(f"DGL {dgl.__version__} cannot move a graph to {args.device}: {err}") from err
+        return dgl.nn.GATConv, g, x.to_dense().to(args.device), ("dgl", f"dgl.nn.GATConv (DGL {dgl.__version__}), dense features")
     if args.dense:
         x = x.to_dense()
+    graph, x = graph.to(args.device), x.to(args.device)
     backend = None if args.backend == "auto" else args.backend
     # a forced backend that cannot run raises BackendUnavailable with its reasons, before any training
-    ran = gatx.ops.select(backend, graph, torch.zeros(graph.num_src, 1), op="sparse_attention", score="additive").NAME
+    ran = gatx.ops.select(backend, graph, torch.zeros(graph.num_src, 1, device=args.device), op="sparse_attention",
+                          score="additive").NAME
     conv = functools.partial(gatx.GATConv, backend=backend)
     layout = "dense" if args.dense else "sparse CSR"
     return conv, graph, x, (f"gatx[{ran}]", f"gatx.GATConv, backend {args.backend} -> {ran}, {layout} features")
@@ -307,6 +317,7 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--backend", default="auto", choices=["auto", *gatx.ops.BACKENDS],
                    help="gatx backend; auto picks the fastest that can run the input")
     p.add_argument("--dense", action="store_true", help="gatx: feed dense features instead of sparse CSR")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (on CUDA gatx runs its Triton kernels)")
     p.add_argument("--data-dir", default=None, help="data root (default: $GATX_DATA_DIR, else datasets/)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--log-every", type=int, default=50, help="print a progress line every N epochs, 0: never")
@@ -317,6 +328,10 @@ def parse_args(argv: list[str] | None):
     for name in ("runs", "epochs", "patience"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
+        p.error(f"--device must be cpu, cuda or cuda:<index>, got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU")
     if args.log_every < 0:
         p.error(f"--log-every must be 0 (never) or positive, got {args.log_every}")
     if args.plot:
@@ -335,14 +350,15 @@ def main(argv: list[str] | None = None, progress_bar: bool | None = None) -> dic
     conv, graph, x, (label, what) = build(args, data)
     out = args.out or REPO / "runs" / "cora" / f"{args.dataset}-{label.replace('[', '-').rstrip(']')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     print(f"{data}\n{what}; dropout: {args.dropout}; model selection: {args.stop}, patience {args.patience}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads", flush=True)
+          f"{torch.get_num_threads()} threads, device {args.device}", flush=True)
     if args.log_every:
         print(f"every {args.log_every} epochs: the training loss (with dropout), accuracies of the eval-mode model, "
               "the val loss, the epoch time", flush=True)
     payload = dict(command=" ".join(["python", "examples/cora.py", *(sys.argv[1:] if argv is None else argv)]),
                    args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    dataset=args.dataset, impl=label, description=what,
-                   env=dict(gatx=gatx.__version__, torch=torch.__version__, threads=torch.get_num_threads(),
+                   env=dict(gatx=gatx.__version__, torch=torch.__version__, threads=torch.get_num_threads(), device=args.device,
+                            gpu=torch.cuda.get_device_name(args.device) if args.device != "cpu" else None,
                             python=platform.python_version(), time=time.strftime("%Y-%m-%d %H:%M:%S")),
                    runs=[])
     progress = Progress(args.runs, args.patience, args.log_every, bar=progress_bar, max_epochs=args.epochs)

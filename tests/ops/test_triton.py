@@ -1,4 +1,4 @@
-"""The triton backend, proven without a GPU.
+"""The triton backend, proven without a GPU and checked on one where there is one.
 
 Triton's interpreter (``TRITON_INTERPRET=1``, read when triton is first imported) runs the kernels on
 CPU tensors. The checks run in one subprocess (this file run as a script, under the interpreter)
@@ -7,7 +7,9 @@ float64 (to rounding) and float32, for additive, dot and given scores, every bia
 shape, rows crossing a block boundary, a hub row of 3000 in-edges, empty rows, E = 0, duplicate
 edges, rows whose scores are all -inf, half precision, and the dropout mask of the fused and torch
 backends under the same seed. The pytest process only reads the results, so the tests are not
-affected by whether triton was already imported here.
+affected by whether triton was already imported here. Where ``torch.cuda.is_available()``, the same
+script runs again on the GPU (``--cuda``: compiled kernels, the torch backend on the GPU as the
+reference) and every check below is asserted on that run too.
 
 Also: without the interpreter, CPU inputs never dispatch to triton and ``import gatx`` does not
 import triton; the kernels compile for a CUDA GPU (sm_80 cubin) on this CPU-only machine; and the
@@ -61,10 +63,35 @@ def _run(args: list[str], interpret: bool, timeout: int) -> subprocess.Completed
 pytestmark = pytest.mark.skipif(_triton_missing(), reason="triton is not installed (pip install 'gatx[triton]')")
 
 
-@pytest.fixture(scope="module")
-def checks() -> dict:
-    proc = _run([__file__], interpret=True, timeout=600)
-    assert proc.returncode == 0, f"the interpreter checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+# Triton's interpreter before 3.7 converts a loaded index with int() on a 1-element array, which NumPy
+# 2.5 refuses (seen with triton 3.6.0 and numpy 2.5.2): every kernel whose loop bounds are loaded fails.
+_OLD_INTERPRETER = "only 0-dimensional arrays can be converted to Python scalars"
+
+
+def _skip_if_interpreter_cannot_index(proc: subprocess.CompletedProcess) -> None:
+    if proc.returncode != 0 and _OLD_INTERPRETER in proc.stderr:
+        import numpy
+        import triton
+
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run with numpy {numpy.__version__} "
+                    f"({_OLD_INTERPRETER!r}); a newer triton runs these checks")
+
+
+def _no_cuda() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module", params=["interpreter", pytest.param("cuda", marks=pytest.mark.skipif(
+    _no_cuda(), reason="no CUDA GPU: the same checks run on real hardware where torch.cuda.is_available()"))])
+def checks(request) -> dict:
+    """The script's results: on CPU tensors under the interpreter, and on a CUDA GPU where there is one
+    (compiled kernels, no interpreter; the reference is the torch backend on the same GPU)."""
+    cuda = request.param == "cuda"
+    proc = _run([__file__, "--cuda"] if cuda else [__file__], interpret=not cuda, timeout=600)
+    _skip_if_interpreter_cannot_index(proc)
+    assert proc.returncode == 0, f"the {request.param} checks failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -95,6 +122,8 @@ def test_half_precision_accumulates_in_float32(checks):
 
 
 def test_reasons_under_the_interpreter(checks):
+    if checks["device"] != "cpu":
+        pytest.skip("the interpreter's dispatch (the cuda run checks its own in test_cuda_inputs_run_on_triton)")
     d = checks["dispatch"]
     assert d["interpreted"] and d["ok"] == [], d["ok"]
     assert d["chosen"] == "triton", f"backend=None picked {d['chosen']} for a CPU input under the interpreter"
@@ -103,6 +132,14 @@ def test_reasons_under_the_interpreter(checks):
     assert any("one dtype" in r for r in d["mixed_dtypes"]), d["mixed_dtypes"]
     assert any("registers" in r for r in d["big_tile"]), d["big_tile"]
     assert any("bias of shape" in r for r in d["bad_bias"]), d["bad_bias"]
+
+
+def test_cuda_inputs_run_on_triton(checks):
+    if checks["device"] != "cuda":
+        pytest.skip("needs the run on a CUDA GPU")
+    d = checks["dispatch"]
+    assert not d["interpreted"] and d["ok"] == [], d
+    assert d["chosen"] == "triton" and d["out_device"].startswith("cuda"), d
 
 
 def test_cpu_never_dispatches_to_triton_without_the_interpreter():
@@ -143,8 +180,11 @@ def test_gat_benchmark_runs_the_triton_system(tmp_path):
     out = tmp_path / "gat.json"
     proc = _run([str(REPO / "benchmarks" / "bench_gat.py"), "--tiny", "--no-cora", "--sizes", "16", "--json", str(out)],
                 interpret=True, timeout=300)
+    _skip_if_interpreter_cannot_index(proc)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [r for r in json.loads(out.read_text())["rows"] if r["system"] == "gatx[triton]"]
+    if any(_OLD_INTERPRETER in r.get("reason", "") for r in rows):
+        _skip_if_interpreter_cannot_index(subprocess.CompletedProcess([], 1, "", _OLD_INTERPRETER))
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}, rows
     for r in rows:
         assert r["status"] == "ok", r
@@ -211,10 +251,10 @@ def _forward_backward(backend: str, g, score: str, inputs: dict, extra: dict, se
                                dropout_p=extra.get("dropout", 0.0), return_attention=attn, backend=backend)
     out, a = res if attn else (res, None)
     gen = torch.Generator().manual_seed(7)
-    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
+    w_out = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)  # out's dtype and device
     loss = (out * w_out).sum() if extra.get("out_loss", True) else 0
     if attn:
-        loss = loss + (a * torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a.dtype)).sum()
+        loss = loss + (a * torch.randn(a.shape, generator=gen, dtype=torch.float64).to(a)).sum()
     if torch.is_tensor(loss) and loss.requires_grad:
         loss.backward()
     grads = {n: t.grad for n, t in leaves.items() if t is not None and t.requires_grad}
@@ -237,12 +277,17 @@ def _diff(x, y) -> float:
     return float((x - y)[fin].abs().max() / (1.0 + y[fin].abs().max())) if fin.any() else 0.0
 
 
-def _check_case(name: str) -> dict:
+def _to(device: str, g, inputs: dict):
+    """The graph and the inputs on ``device`` (drawn on the CPU, so every device sees the same values)."""
+    return g.to(device), {n: (t.to(device) if t is not None else None) for n, t in inputs.items()}
+
+
+def _check_case(name: str, device: str = "cpu") -> dict:
     import torch
 
     kind, score, dtype_name, bias, weight, extra = CASES[name]
     g, dtype = _graph(kind), getattr(torch, dtype_name)
-    inputs = _inputs(g, score, dtype, bias, weight, extra)
+    g, inputs = _to(device, g, _inputs(g, score, dtype, bias, weight, extra))
     got = _forward_backward("triton", g, score, inputs, extra)
     ref = _forward_backward("torch", g, score, inputs, extra)
     diffs = {"out": _diff(got[0], ref[0]), "attention": _diff(got[1], ref[1])}
@@ -254,6 +299,8 @@ def _check_case(name: str) -> dict:
 
         fused = None
         try:
+            if device != "cpu":
+                raise ValueError("the fused backend runs on the CPU")
             select("fused", g, *[inputs[n] for n in ("q", "k", "v")], op="sparse_attention", score=score)
             fused = _forward_backward("fused", g, score, inputs, extra)[1]
         except Exception:  # noqa: BLE001 - no C++ compiler: compare with the torch backend only
@@ -264,13 +311,13 @@ def _check_case(name: str) -> dict:
     return res
 
 
-def _check_half() -> dict:
+def _check_half(device: str = "cpu") -> dict:
     """float16 / bfloat16 on the hub row: error against float64 on the same rounded inputs, in output ulps."""
     import torch
 
-    g, out = _graph("hub"), {}
+    g0, out = _graph("hub"), {}
     for dtype in (torch.float16, torch.bfloat16):
-        inputs = _inputs(g, "dot", dtype, "EH", None, {})
+        g, inputs = _to(device, g0, _inputs(g0, "dot", dtype, "EH", None, {}))
         got = _forward_backward("triton", g, "dot", inputs, {"attn": False})
         ref = _forward_backward("torch", g, "dot", {n: t.double() if t is not None else None for n, t in inputs.items()},
                                 {"attn": False})
@@ -301,17 +348,32 @@ def _check_dispatch() -> dict:
     }
 
 
-def _main_checks() -> None:
-    results = {"cases": {}, "errors": {}}
+def _check_cuda_dispatch() -> dict:
+    """On a GPU (no interpreter): what ``backend=None`` picks for CUDA inputs, and the device it wrote."""
+    import torch
+
+    from gatx import ops
+    from gatx.backends import triton as tb
+
+    g = _graph("mixed").to("cuda")
+    q, k, v = (torch.randn(n, 2, 4, device="cuda") for n in (6, 8, 8))
+    out = ops.sparse_attention(g, q, k, v)
+    return {"chosen": ops.select(None, g, q, k, v, op="sparse_attention", score="dot").NAME,
+            "interpreted": tb.interpreted(), "out_device": str(out.device),
+            "device_name": torch.cuda.get_device_name(), "ok": tb.reasons(g, q, k, v, op="sparse_attention", score="dot")}
+
+
+def _main_checks(device: str = "cpu") -> None:
+    results = {"cases": {}, "errors": {}, "device": device}
     for name in CASES:
         try:
             t0 = time.perf_counter()
-            results["cases"][name] = _check_case(name)
+            results["cases"][name] = _check_case(name, device)
             results["cases"][name]["seconds"] = round(time.perf_counter() - t0, 2)
         except Exception as err:  # noqa: BLE001 - reported per case
             results["errors"][name] = f"{type(err).__name__}: {err}"
-    results["half"] = _check_half()
-    results["dispatch"] = _check_dispatch()
+    results["half"] = _check_half(device)
+    results["dispatch"] = _check_dispatch() if device == "cpu" else _check_cuda_dispatch()
     print(json.dumps(results))
 
 
@@ -351,4 +413,7 @@ def _main_compile() -> None:
 
 
 if __name__ == "__main__":
-    _main_compile() if sys.argv[1:] == ["--compile"] else _main_checks()
+    if sys.argv[1:] == ["--compile"]:
+        _main_compile()
+    else:
+        _main_checks("cuda" if sys.argv[1:] == ["--cuda"] else "cpu")
