@@ -53,7 +53,7 @@ def _grads(module: torch.nn.Module, call, x: torch.Tensor, seed: int = 3):
     params = [p for p in module.parameters() if p.requires_grad]
     leaves = ([x] if x.requires_grad else []) + params
     grads = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
-    names = (["input"] if x.requires_grad else []) + [n for n, p in module.named_parameters() if p.requires_grad]
+    names = (["input"] if x.requires_grad else []) + [n.removeprefix("_orig_mod.") for n, p in module.named_parameters() if p.requires_grad]
     return out, dict(zip(names, grads))
 
 
