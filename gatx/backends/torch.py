@@ -52,12 +52,15 @@ class _EdgeSoftmax(torch.autograd.Function):
         # score makes its row's normaliser NaN, so the whole row is NaN (as a dense softmax)
         row_max = s.new_full(shape, float("-inf")).scatter_reduce_(0, idx, s, "amax")
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        ex = (s - row_max.index_select(0, dst)).exp()  # (E, H)
+        # eagerly in place (one (E, H) buffer); traced, out of place and with no .to() that returns its
+        # input: with either, torch 2.11's compiled backward read a wrong saved tensor (outputs right,
+        # score gradients off; tests/test_compile.py on 2.11)
+        eager = not torch.compiler.is_compiling()
+        ex = s - row_max.index_select(0, dst)
+        ex = ex.exp_() if eager else ex.exp()  # (E, H)
         denom = s.new_zeros(shape).index_add_(0, dst, ex)  # (N_dst, H)
         denom = torch.where(denom == 0, torch.ones_like(denom), denom)  # no (unmasked) edge: 0; NaN stays NaN
-        out = ex / denom.index_select(0, dst)
-        # out of place, and no .to() that returns its input: with either, torch 2.11's compiled backward
-        # read a wrong saved tensor (outputs right, score gradients off; tests/test_compile.py on 2.11)
+        out = ex.div_(denom.index_select(0, dst)) if eager else ex / denom.index_select(0, dst)
         out = out if out.dtype == scores.dtype else out.to(scores.dtype)
         ctx.save_for_backward(out, dst)
         ctx.num_dst = num_dst
