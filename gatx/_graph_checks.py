@@ -57,7 +57,7 @@ def structure_edges(structure: Any) -> tuple[Tensor, Tensor] | None:
     if callable(getattr(tiling, "edges", None)):
         return tiling.edges()
     try:
-        pos, (T, Qt, Kt) = tiling.edge_pos, tiling.mask.shape
+        pos, (_, Qt, Kt) = tiling.edge_pos, tiling.mask.shape
         dst = tiling.query_nodes.index[pos // Kt]  # (E,)
         src = tiling.key_nodes.index[(pos // (Qt * Kt)) * Kt + pos % Kt]  # (E,)
     except (AttributeError, ValueError, TypeError, IndexError, RuntimeError):

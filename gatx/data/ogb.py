@@ -29,7 +29,6 @@ changes).
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import tempfile
 import warnings
