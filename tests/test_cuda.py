@@ -53,15 +53,17 @@ def _grads(module: torch.nn.Module, call, x: torch.Tensor, seed: int = 3):
     params = [p for p in module.parameters() if p.requires_grad]
     leaves = ([x] if x.requires_grad else []) + params
     grads = torch.autograd.grad((out * w).sum(), leaves, allow_unused=True)
-    names = (["input"] if x.requires_grad else []) + [n.removeprefix("_orig_mod.") for n, p in module.named_parameters() if p.requires_grad]
+    names = ["input"] if x.requires_grad else []
+    names += [n.removeprefix("_orig_mod.") for n, p in module.named_parameters() if p.requires_grad]  # compiled: prefixed
     return out, dict(zip(names, grads))
 
 
 def _same_on_both(module: torch.nn.Module, call, x: torch.Tensor, tol: float) -> None:
     module = module.double()
     gpu = copy.deepcopy(module).to(CUDA)
-    out, grads = _grads(module, lambda m, t: call(m, t, "cpu"), x.double() if x.is_floating_point() else x)
-    got, got_grads = _grads(gpu, lambda m, t: call(m, t, CUDA), (x.double() if x.is_floating_point() else x).to(CUDA))
+    x = x.double() if x.is_floating_point() else x
+    out, grads = _grads(module, lambda m, t: call(m, t, "cpu"), x)
+    got, got_grads = _grads(gpu, lambda m, t: call(m, t, CUDA), x.to(CUDA))
     assert got.device.type == "cuda"
     _close("output", got, out, tol)
     assert set(got_grads) == set(grads)
