@@ -241,9 +241,9 @@ def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, 
 def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, k: Tensor, v: Tensor,
                   bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, stat: Tensor, g_out: Tensor | None,
                   g_attn: Tensor | None, needs: tuple[bool, ...], dot: bool, scale: float, slope: float,
-                  keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False, ob: Tensor | None = None,
-                  dob: Tensor | None = None) -> tuple[Tensor | None, ...]:
-    """First-order gradients (dq, dk, dv, dbias, dew), None where ``needs`` (five flags) is False.
+                  keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False,
+                  ob: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """First-order gradients (dq, dk, dv, dbias, dew, dout_bias), None where ``needs`` (six flags) is False.
 
     One kernel pass over the dst rows (``csr``) for q, bias and edge_weight, one over the src rows for
     k and v; ``csc`` is ``(indptr, dst, perm, num_dst)`` or a callable returning it (built only when
@@ -254,9 +254,9 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     :func:`gatx.nn._utils.scored_projection`), dv, dk and dq are written the same way into one new
     buffer, so that the projection's backward runs one product for all three (see :func:`_side_by_side_grads`).
 
-    ``ob``: the contiguous (H, Dv) output bias the forward added (``fwd_out`` includes it); ``dob``: an
-    (H, Dv) buffer for its gradient, the sum of ``g_out``'s rows (the single pass sums them as it reads them)."""
-    need_q, need_k, need_v, need_b, need_w = needs
+    ``ob``: the contiguous (H, Dv) output bias the forward added (``fwd_out`` includes it); its gradient,
+    the sum of ``g_out``'s rows, is summed by the single pass as it reads them."""
+    need_q, need_k, need_v, need_b, need_w, need_ob = needs
     q, k, v = _rows(q), _rows(k), _rows(v)
     num_dst = csr[0].numel() - 1
     g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst,) + tuple(v.shape[1:]))
@@ -268,18 +268,19 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
                                                    v.new_empty(v.shape) if need_v else None)
     db = torch.empty_like(bias) if need_b else None
     dw = torch.empty_like(ew) if need_w else None
+    dob = torch.empty_like(ob) if need_ob else None
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
     if fwd_out is not None and g_attn is None and (need_k or need_v) and not torch.are_deterministic_algorithms_enabled():
         _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw,
               ob=ob, dob=dob)
-        return dq, dk, dv, db, dw
+        return dq, dk, dv, db, dw, dob
     if dob is not None:
         torch.sum(g_out, 0, out=dob)
     _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=db, dw=dw)
     if need_k or need_v:
         _call(2, dot, csc() if callable(csc) else csc, *args, g=g_out, ga=g_attn, out=dv, dk=dk)
-    return dq, dk, dv, db, dw
+    return dq, dk, dv, db, dw, dob
 
 
 def _side_by_side_grads(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -315,21 +316,20 @@ class _FusedAttention(torch.autograd.Function):
         if g_out is None and g_attn is None:
             return (None,) * 13
         consts = (ctx.dot, ctx.scale, ctx.slope, ctx.keep_scale)
-        need_ob = ctx.needs_input_grad[12]
+        needs = tuple(ctx.needs_input_grad[:5]) + (ctx.needs_input_grad[12],)  # q, k, v, bias, ew, ob
         if torch.is_grad_enabled():  # create_graph=True: gradients that are themselves differentiable
-            dob = g_out.sum(0) if need_ob and g_out is not None else None
-            return recompute_backward(graph.src, graph.dst, graph.num_dst, tuple(ctx.needs_input_grad[:5]), q, k, v,
-                                      bias, ew, keep, *consts, g_out, g_attn) + (None,) * 7 + (dob,)
+            grads = recompute_backward(graph.src, graph.dst, graph.num_dst, needs, q, k, v, bias, ew, keep, *consts,
+                                       g_out, g_attn)
+            return grads[:5] + (None,) * 7 + grads[5:]
         csr = graph.csr()
 
         def csc() -> tuple[Tensor, Tensor, Tensor, int]:
             c = graph.csc()
             return c.indptr, c.dst, c.perm, graph.num_dst
 
-        dob = torch.empty_like(ob) if need_ob else None
         grads = backward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), csc, q, k, v, bias, ew, keep, stat, g_out,
-                              g_attn, tuple(ctx.needs_input_grad[:5]), *consts, fwd_out=out, stacked=True, ob=ob, dob=dob)
-        return grads + (None,) * 7 + (dob,)
+                              g_attn, needs, *consts, fwd_out=out, stacked=True, ob=ob)
+        return grads[:5] + (None,) * 7 + grads[5:]
 
 
 def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
@@ -361,11 +361,13 @@ def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: T
 def recompute_backward(src: Tensor, dst: Tensor, num_dst: int, needs: tuple[bool, ...], q: Tensor, k: Tensor,
                        v: Tensor, bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, dot: bool, scale: float,
                        slope: float, keep_scale: float, g_out: Tensor | None, g_attn: Tensor | None) -> tuple:
-    """Gradients of (q, k, v, bias, ew) through :func:`reference`, with a graph for higher orders."""
+    """Gradients of (q, k, v, bias, ew, out_bias) through :func:`reference`, with a graph for higher orders
+    (``needs``: six flags; the output bias's gradient is the sum of ``g_out``'s rows)."""
     # fresh aliases: a gradient with respect to them counts only the paths through this op, even when
     # the inputs depend on each other (GATConv's el, er and values all come from one projection)
     inputs = tuple(t.view_as(t) if t is not None else None for t in (q, k, v, bias, ew))
-    wanted = [i for i, need in enumerate(needs) if need]
+    wanted = [i for i, need in enumerate(needs[:5]) if need]
+    dob = g_out.sum(0) if needs[5] and g_out is not None else None
     out, a = reference(src, dst, num_dst, *inputs, keep, dot, scale, slope, keep_scale)
     outs, grads = [], []
     if g_out is not None:
@@ -375,12 +377,11 @@ def recompute_backward(src: Tensor, dst: Tensor, num_dst: int, needs: tuple[bool
         outs.append(a)
         grads.append(g_attn)
     result: list[Tensor | None] = [None] * 5
-    if not outs or not wanted:
-        return tuple(result)
-    got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
-    for i, g in zip(wanted, got):
-        result[i] = g if g is not None else torch.zeros_like(inputs[i])
-    return tuple(result)
+    if outs and wanted:
+        got = torch.autograd.grad(outs, [inputs[i] for i in wanted], grads, create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            result[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return tuple(result) + (dob,)
 
 
 def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor, *, score: str,

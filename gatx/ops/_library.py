@@ -89,10 +89,10 @@ def fused_attention_backward(
     csc = (csc_indptr, csc_dst, csc_perm, num_dst)
     stat = stat.clone()  # the dst pass writes its row term into stat's second half; inputs stay untouched
     ob = out_bias.contiguous() if out_bias is not None else None
-    dob = torch.empty_like(ob) if ob is not None and _needs_out_bias(needs) else None
+    needs6 = tuple(needs[:5]) + (ob is not None and _needs_out_bias(needs),)
     grads = _fused.backward_pass((indptr, src, perm, num_src), csc, q, k, v, bias, edge_weight, keep, stat, g_out,
-                                 g_attn, tuple(needs[:5]), dot, scale, slope, keep_scale, fwd_out=fwd_out, ob=ob, dob=dob)
-    return tuple(g if g is not None else v.new_empty(0) for g in grads + (dob,))
+                                 g_attn, needs6, dot, scale, slope, keep_scale, fwd_out=fwd_out, ob=ob)
+    return tuple(g if g is not None else v.new_empty(0) for g in grads)
 
 
 def _needs_out_bias(needs: list[bool]) -> bool:
@@ -119,8 +119,8 @@ def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 def _backward(ctx: Any, g_out: Tensor | None, g_stat: Tensor | None, g_attn: Tensor | None) -> tuple:
     indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, fwd_out, out_bias = ctx.saved_tensors
     num_src, dot, scale, slope, keep_scale = ctx.consts
-    needs = tuple(bool(n) for n in ctx.needs_input_grad[6:11])
     need_ob = len(ctx.needs_input_grad) > _TENSORS + 6 and bool(ctx.needs_input_grad[_TENSORS + 6])  # see _setup_context
+    needs = tuple(bool(n) for n in ctx.needs_input_grad[6:11]) + (need_ob,)  # q, k, v, bias, ew, out_bias
     none = (None,) * 6
     g_attn = g_attn if g_attn is not None and g_attn.numel() else None
     if g_out is None and g_attn is None:
@@ -133,15 +133,15 @@ def _backward(ctx: Any, g_out: Tensor | None, g_stat: Tensor | None, g_attn: Ten
         edge_src = torch.empty_like(src).index_copy_(0, perm, src)
         grads = _fused.recompute_backward(edge_src, edge_dst, num_dst, needs, q, k, v, bias, ew, keep, dot, scale,
                                           slope, keep_scale, g_out, g_attn)
-        return none + grads + (None,) * 7 + (g_out.sum(0) if need_ob and g_out is not None else None,)
+        return none + grads[:5] + (None,) * 7 + grads[5:]
     if g_out is None:
         g_out = v.new_zeros((indptr.numel() - 1,) + tuple(v.shape[1:]))
     got = torch.ops.gatx.fused_attention2_backward(
         indptr, src, perm, csc_indptr, csc_dst, csc_perm, q, k, v, bias, ew, keep, stat, fwd_out, g_out.contiguous(),
         g_attn.contiguous() if g_attn is not None else None, num_src, dot, scale, slope, keep_scale,
-        list(needs) + [need_ob], out_bias,
+        list(needs), out_bias,
     )
-    grads = tuple(g if need else None for g, need in zip(got, needs + (need_ob,)))
+    grads = tuple(g if need else None for g, need in zip(got, needs))
     return none + grads[:5] + (None,) * 7 + grads[5:]
 
 
