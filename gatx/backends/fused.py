@@ -55,8 +55,9 @@ from ..ops import _library  # noqa: F401  - registers the gatx::fused_attention2
 NAME = "fused"
 _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
+TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
-_ABI = 6  # gatx_fused_abi_version() of the matching source
+_ABI = 7  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
 
 
@@ -74,7 +75,7 @@ def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
     fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
-                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int]
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
 
 
 def load() -> Any:
@@ -201,16 +202,18 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     lib = load()
     fn = lib.gatx_fused_f32 if v.dtype == torch.float32 else lib.gatx_fused_f64
     indptr, nbr, eid, n_other = rows
-    H, Dv = v.shape[1], v.shape[2]
+    H, Dv = q.shape[1], v.shape[2]  # heads: the scores' (v may have one head that every head reads)
+    shared = v.shape[1] == 1 and H != 1
     Dk = q.shape[2] if dot else 1
-    kw = H * Dk  # the width of a row of q or k
+    kw, vw = H * Dk, (1 if shared else H) * Dv  # the widths of a row of q or k, and of v
     # row strides of q, k, v, out, dk, dq (rows of each are contiguous: see _rows)
-    strides = (ctypes.c_int64 * 6)(_row_stride(q, kw), _row_stride(k, kw), _row_stride(v, H * Dv),
-                                   _row_stride(out, kw if which == 1 else H * Dv), _row_stride(dk, kw), _row_stride(dq, kw))
+    strides = (ctypes.c_int64 * 6)(_row_stride(q, kw), _row_stride(k, kw), _row_stride(v, vw),
+                                   _row_stride(out, H * Dv if which == 0 else kw if which == 1 else vw),
+                                   _row_stride(dk, kw), _row_stride(dq, kw))
     rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
             _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
             keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
-            _ptr(o), _ptr(dq), _ptr(ob), _ptr(dob), strides, torch.get_num_threads())
+            _ptr(o), _ptr(dq), _ptr(ob), _ptr(dob), strides, torch.get_num_threads(), int(shared))
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")
@@ -228,7 +231,7 @@ def forward_pass(csr: tuple[Tensor, Tensor, Tensor, int], q: Tensor, k: Tensor, 
     ``ob``, a contiguous (H, Dv) output bias, is added to ``out``."""
     q, k, v = _rows(q), _rows(k), _rows(v)
     indptr, src = csr[0], csr[1]
-    H, Dv = v.shape[1], v.shape[2]
+    H, Dv = q.shape[1], v.shape[2]  # v may have one head, shared by all
     num_dst = indptr.numel() - 1
     out = v.new_empty((num_dst, H, Dv))
     stat = v.new_empty((num_dst, 2, H))  # per-row log-sum-exp; backward adds its row term
@@ -242,7 +245,7 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
                   bias: Tensor | None, ew: Tensor | None, keep: Tensor | None, stat: Tensor, g_out: Tensor | None,
                   g_attn: Tensor | None, needs: tuple[bool, ...], dot: bool, scale: float, slope: float,
                   keep_scale: float, fwd_out: Tensor | None = None, stacked: bool = False,
-                  ob: Tensor | None = None) -> tuple[Tensor | None, ...]:
+                  ob: Tensor | None = None, edge_src: Tensor | None = None) -> tuple[Tensor | None, ...]:
     """First-order gradients (dq, dk, dv, dbias, dew, dout_bias), None where ``needs`` (six flags) is False.
 
     One kernel pass over the dst rows (``csr``) for q, bias and edge_weight, one over the src rows for
@@ -255,11 +258,15 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     buffer, so that the projection's backward runs one product for all three (see :func:`_side_by_side_grads`).
 
     ``ob``: the contiguous (H, Dv) output bias the forward added (``fwd_out`` includes it); its gradient,
-    the sum of ``g_out``'s rows, is summed by the single pass as it reads them."""
+    the sum of ``g_out``'s rows, is summed by the single pass as it reads them.
+
+    Shared values (v of one head, additive scores) without v's gradient: the dst pass alone, whose
+    per-edge score gradients (E, H) are summed into dk by src (``edge_src``, each edge's src node by edge
+    id): a src pass would gather a dst row's H x Dv gradient for every edge."""
     need_q, need_k, need_v, need_b, need_w, need_ob = needs
     q, k, v = _rows(q), _rows(k), _rows(v)
     num_dst = csr[0].numel() - 1
-    g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst,) + tuple(v.shape[1:]))
+    g_out = g_out.contiguous() if g_out is not None else v.new_zeros((num_dst, q.shape[1], v.shape[2]))
     g_attn = g_attn.contiguous() if g_attn is not None and g_attn.numel() else None
     args = (q, k, v, bias, ew, keep, keep_scale, scale, slope, stat)
     grads = _side_by_side_grads(q, k, v) if stacked and need_q and need_k and need_v else None
@@ -271,6 +278,14 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     dob = torch.empty_like(ob) if need_ob else None
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
+    if v.shape[1] == 1 and q.shape[1] != 1 and not dot and not need_v and edge_src is not None:
+        dz = db if db is not None else (torch.empty((edge_src.numel(), q.shape[1]), dtype=v.dtype) if need_k else None)
+        if dob is not None:
+            torch.sum(g_out, 0, out=dob)
+        _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=dz, dw=dw)
+        if need_k:
+            dk = torch.zeros_like(k).index_add_(0, edge_src, dz)
+        return dq, dk, dv, db, dw, dob
     if fwd_out is not None and g_attn is None and (need_k or need_v) and not torch.are_deterministic_algorithms_enabled():
         _call(3, dot, csc() if callable(csc) else csc, *args, g=g_out, o=fwd_out, out=dv, dk=dk, dq=dq, attn=db, dw=dw,
               ob=ob, dob=dob)
@@ -328,7 +343,7 @@ class _FusedAttention(torch.autograd.Function):
             return c.indptr, c.dst, c.perm, graph.num_dst
 
         grads = backward_pass((csr.indptr, csr.src, csr.perm, graph.num_src), csc, q, k, v, bias, ew, keep, stat, g_out,
-                              g_attn, needs, *consts, fwd_out=out, stacked=True, ob=ob)
+                              g_attn, needs, *consts, fwd_out=out, stacked=True, ob=ob, edge_src=graph.src)
         return grads[:5] + (None,) * 7 + grads[5:]
 
 
@@ -337,7 +352,7 @@ def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: T
               keep_scale: float) -> tuple[Tensor, Tensor]:
     """The kernel's forward as differentiable torch ops (same math, same -inf row rule) over the (E,)
     edges ``src -> dst`` in edge-id order: (out, attn)."""
-    N, H = num_dst, v.shape[1]
+    N, H = num_dst, k.shape[1]  # v may have one head, read by every head
     if dot:
         s = (q.index_select(0, dst) * k.index_select(0, src)).sum(-1) * scale  # (E, H)
         s = s + bias if bias is not None else s
@@ -354,7 +369,7 @@ def reference(src: Tensor, dst: Tensor, num_dst: int, q: Tensor, k: Tensor, v: T
         a = a * (keep.to(a.dtype) * keep_scale)
     if ew is not None:
         a = a * (ew[:, None] if ew.dim() == 1 else ew)
-    out = v.new_zeros((N,) + tuple(v.shape[1:])).index_add(0, dst, a[..., None] * v.index_select(0, src))
+    out = v.new_zeros((N, H, v.shape[2])).index_add(0, dst, a[..., None] * v.index_select(0, src))
     return out, a
 
 
@@ -390,7 +405,7 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
     """``gatx.ops.sparse_attention`` as one fused kernel (inputs already validated by the op); the (H, Dv)
     ``out_bias`` is added in the kernel's forward and its gradient summed in its single backward pass
     (float32 / float64 only: half precision adds it to the cast result)."""
-    H = v.shape[1]
+    H = logits.shape[1] if score == "given" else q.shape[1]  # v may have one head, read by every head
     keep, keep_scale = None, 1.0
     if dropout_p > 0.0:
         # the same RNG draws as F.dropout on the (E, H) attention: bernoulli_(1 - p) on that shape

@@ -16,6 +16,8 @@
 //   dot:      s = scale * <q[i,h,:], k[j,h,:]> (+ bias[e,h])
 //   p = exp(s - lse[i,h]) (the softmax), c = keep[e,h] * keep_scale * w[e(,h)], a = p * c
 //   out[i,h,:] = sum_e a * v[j,h,:] (+ ob[h,:], a layer's output bias, when given)
+// Shared values (v_shared): v has one head, v[j,:], read by every head (v[j,h,:] = v[j,:] above), and
+// dv[j,:] is the sum over the heads; GATConv aggregates its input rows so, then projects the (few) dst rows.
 // Backward, with g = dL/dout and ga = dL/da (when the attention is returned):
 //   da = <g[i,h,:], v[j,h,:]> + ga[e,h],  delta[i,h] = sum_e p * c * da,  ds = p * (c * da - delta)
 //   dz = ds * (z > 0 ? 1 : slope) (additive) ; dv[j] += a * g[i] ; dw[e] += p * keep * keep_scale * da
@@ -129,7 +131,7 @@ struct Args {
   const int64_t* eid;   // edge id of each edge in row order
   const T* q;           // additive: (N_dst, H); dot: (N_dst, H, Dk); row i at q + i * q_stride
   const T* k;           // additive: (N_src, H); dot: (N_src, H, Dk); row j at k + j * k_stride
-  const T* v;           // (N_src, H, Dv); row j at v + j * v_stride
+  const T* v;           // (N_src, H, Dv), or (N_src, Dv) when v_shared; row j at v + j * v_stride
   const T* bias;        // (E, H) or null
   const T* ew;          // (E,) or (E, H) or null
   int ew_heads;         // 1 when ew is (E, H)
@@ -150,6 +152,7 @@ struct Args {
                 // including it (delta uses o - ob)
   T* dob;       // the single pass: (H, Dv) gradient of ob (the sum of g's rows) or null
   int nthreads;
+  int v_shared;      // v has one head that every head reads (the SV instantiations)
   int64_t q_stride;  // H (additive) or H * Dk (dot) unless q is a column slice; the single pass packs q with dq
   int64_t k_stride, v_stride, out_stride, dk_stride, dq_stride;  // row strides (elements)
 };
@@ -169,6 +172,18 @@ inline void head_axpy(const T* __restrict a, const T* __restrict x, T* __restric
     const T ah = a[h];
 #pragma omp simd
     for (int64_t d = 0; d < nd; ++d) y[h * nd + d] += ah * x[h * nd + d];
+  }
+}
+
+// y[:] += sum_h a[h] * g[h, :] (the gradient of a shared value row), or head_axpy
+template <typename T, int HC, int DC, bool SV>
+inline void value_grad_axpy(const T* __restrict a, const T* __restrict g, T* __restrict y, int64_t H, int64_t D) {
+  if (!SV) return head_axpy<T, HC, DC>(a, g, y, H, D);
+  const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
+  for (int64_t h = 0; h < nh; ++h) {
+    const T ah = a[h];
+#pragma omp simd
+    for (int64_t d = 0; d < nd; ++d) y[d] += ah * g[h * nd + d];
   }
 }
 
@@ -199,6 +214,76 @@ inline void head_dots(const T* __restrict x, const T* __restrict y, T* __restric
 #pragma omp simd reduction(+ : acc)
     for (int64_t d = 0; d < nd; ++d) acc += x[h * nd + d] * y[h * nd + d];
     out[h] = acc;
+  }
+}
+
+// out[h] = <g[h, :], v[:]> (shared values), or head_dots
+template <typename T, int HC, int DC, bool SV>
+inline void value_dots(const T* __restrict g, const T* __restrict v, T* __restrict out, int64_t H, int64_t D) {
+  if (!SV) return head_dots<T, HC, DC>(g, v, out, H, D);
+  const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
+  for (int64_t h = 0; h < nh; ++h) {
+    T acc = 0;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < nd; ++d) acc += g[h * nd + d] * v[d];
+    out[h] = acc;
+  }
+}
+
+// Shared values, one dst row: out[h, :] = sum_t a[t, h] * v[nbr[t], :] over the row's deg edges. The row's
+// value rows are read once per 64-byte column block, with every head's accumulator for the block held in
+// registers (an edge-major loop, as head_axpy's, loads and stores all H x Dv accumulators per edge).
+template <typename T, int HC>
+inline void shared_rows_sum(const T* __restrict a, const int64_t* __restrict nbr, int64_t deg, const T* __restrict v,
+                            int64_t v_stride, T* __restrict out, int64_t H, int64_t Dv) {
+  constexpr int64_t W = 64 / sizeof(T);
+  const int64_t nh = HC ? HC : H;
+  int64_t d0 = 0;
+  if (HC) {
+    for (; d0 + W <= Dv; d0 += W) {
+      T acc[HC ? HC : 1][W] = {};
+      for (int64_t t = 0; t < deg; ++t) {
+        const T* __restrict x = v + nbr[t] * v_stride + d0;
+        const T* __restrict at = a + t * nh;
+        for (int64_t h = 0; h < nh; ++h) {
+#pragma omp simd
+          for (int64_t d = 0; d < W; ++d) acc[h][d] += at[h] * x[d];
+        }
+      }
+      for (int64_t h = 0; h < nh; ++h) std::copy(acc[h], acc[h] + W, out + h * Dv + d0);
+    }
+  }
+  if (d0 == Dv) return;
+  for (int64_t h = 0; h < nh; ++h) std::fill(out + h * Dv + d0, out + h * Dv + Dv, T(0));
+  for (int64_t t = 0; t < deg; ++t) {
+    const T* __restrict x = v + nbr[t] * v_stride;
+    for (int64_t h = 0; h < nh; ++h) {
+      const T ah = a[t * nh + h];
+#pragma omp simd
+      for (int64_t d = d0; d < Dv; ++d) out[h * Dv + d] += ah * x[d];
+    }
+  }
+}
+
+// Shared values: out[h] = <g[h, :], v[:]> for all heads, the heads' sums side by side in registers
+// (value_dots runs one dependent chain of adds per head)
+template <typename T, int HC>
+inline void shared_dots(const T* __restrict g, const T* __restrict v, T* __restrict out, int64_t H, int64_t Dv) {
+  constexpr int64_t W = 64 / sizeof(T);
+  if (!HC) return value_dots<T, 0, 0, true>(g, v, out, H, Dv);
+  T acc[HC ? HC : 1][W] = {};
+  int64_t d0 = 0;
+  for (; d0 + W <= Dv; d0 += W) {
+    for (int64_t h = 0; h < HC; ++h) {
+#pragma omp simd
+      for (int64_t d = 0; d < W; ++d) acc[h][d] += g[h * Dv + d0 + d] * v[d0 + d];
+    }
+  }
+  for (int64_t h = 0; h < HC; ++h) {
+    T sum = 0;
+    for (int64_t d = 0; d < W; ++d) sum += acc[h][d];
+    for (int64_t d = d0; d < Dv; ++d) sum += g[h * Dv + d] * v[d];
+    out[h] = sum;
   }
 }
 
@@ -266,9 +351,9 @@ inline void store_out(T* __restrict out, const T* __restrict acc, const T* __res
 
 // ---------------------------------------------------------------- forward (rows = dst nodes)
 // Returns 2 when an index is out of range (see bad_row), else 0.
-template <typename T, bool DOT, int HC, int DC>
+template <typename T, bool DOT, int HC, int DC, bool SV>
 int forward(const Args<T>& args) {
-  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv;
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, vw = SV ? Dv : H * Dv;  // vw: a v row's width
   const int64_t kw = DOT ? H * (DC ? DC : args.Dk) : H, n_edges = args.indptr[args.n_rows];
   const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
   int bad = 0;
@@ -318,7 +403,7 @@ int forward(const Args<T>& args) {
           const int64_t ja = nbr[p0 + t + kAhead];
           prefetch_row(A.k, ja, A.k_stride, kw);
           if (A.bias) prefetch_row(A.bias, eid[p0 + t + kAhead], H, H);
-          prefetch_row(v, ja, A.v_stride, H * Dv);  // for the third loop
+          prefetch_row(v, ja, A.v_stride, vw);  // for the third loop
         }
         const int64_t j = nbr[p0 + t], e = eid[p0 + t];
         if (bad_edge(j, e, A.n_other, n_edges)) {
@@ -353,6 +438,19 @@ int forward(const Args<T>& args) {
         lse_i[h] = m[h] + fast_log(l[h]);
         l[h] = T(1) / l[h];
       }
+      if (SV) {  // shared values: the weights first (in place of the scores), then one blocked sum
+        for (int64_t t = 0; t < deg; ++t) {
+          const int64_t e = eid[p0 + t];
+          if (need_c) edge_factor<T, HC>(A, e, c, kd);
+          T* __restrict at = sb + t * H;
+#pragma omp simd
+          for (int64_t h = 0; h < H; ++h) at[h] = at[h] * l[h] * c[h];
+          if (attn) std::copy(at, at + H, attn + e * H);
+        }
+        shared_rows_sum<T, HC>(sb, nbr + p0, deg, v, A.v_stride, accp, H, Dv);
+        store_out(out_i, accp, A.ob, H * Dv);
+        continue;
+      }
       std::fill(accp, accp + H * Dv, T(0));
       for (int64_t t = 0; t < deg; ++t) {
         const int64_t j = nbr[p0 + t], e = eid[p0 + t];
@@ -371,9 +469,9 @@ int forward(const Args<T>& args) {
 
 // ---------------------------------------------------------------- backward pass A (rows = dst nodes)
 // delta (into stat), dq (out; additive (N_dst, H), dot (N_dst, H, Dk)), dbias (attn), dw; 2 on a bad index
-template <typename T, bool DOT, int HC, int DC>
+template <typename T, bool DOT, int HC, int DC, bool SV>
 int backward_dst(const Args<T>& args) {
-  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk, vw = SV ? Dv : H * Dv;
   const int64_t qw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows];
   const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
   int bad = 0;
@@ -411,12 +509,12 @@ int backward_dst(const Args<T>& args) {
         if (p0 + t + kFar < n_edges) {
           const int64_t jf = A.nbr[p0 + t + kFar];
           prefetch_row<2>(A.k, jf, A.k_stride, qw);
-          prefetch_row<2>(A.v, jf, A.v_stride, H * Dv);
+          prefetch_row<2>(A.v, jf, A.v_stride, vw);
         }
         if (p0 + t + kAhead < n_edges) {
           const int64_t ja = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
           prefetch_row(A.k, ja, A.k_stride, qw);
-          prefetch_row(A.v, ja, A.v_stride, H * Dv);
+          prefetch_row(A.v, ja, A.v_stride, vw);
           if (A.bias) prefetch_row(A.bias, ea, H, H);
           if (A.ga) prefetch_row(A.ga, ea, H, H);
         }
@@ -426,7 +524,11 @@ int backward_dst(const Args<T>& args) {
         }
         scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
-        head_dots<T, HC, DC>(gi, A.v + j * A.v_stride, da, H, Dv);
+        if (SV) {
+          shared_dots<T, HC>(gi, A.v + j * A.v_stride, da, H, Dv);
+        } else {
+          head_dots<T, HC, DC>(gi, A.v + j * A.v_stride, da, H, Dv);
+        }
         T* __restrict p = bp.data() + t * H;
         T* __restrict dat = bd.data() + t * H;
         T* __restrict ft = bf.data() + t * H;
@@ -511,9 +613,9 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
 // from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
 // Pass B (o null): delta is already in stat (pass A wrote it, with the attention gradient ga, which da
 // then includes); only dv and dk, each row summed in edge order. 2 on a bad index.
-template <typename T, bool DOT, int HC, int DC>
+template <typename T, bool DOT, int HC, int DC, bool SV>
 int backward_single(const Args<T>& args) {
-  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk;
+  const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk, vw = SV ? Dv : H * Dv;
   const int64_t kw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows], n_dst = args.n_other;
   // dq partial sums: every thread adds into its own zeroed slice of (n_dst) rows, summed into dq at the end.
   // Packed (additive scores, a row of q and dq within one cache line): a slice's rows are [q_i | dq_i]
@@ -607,7 +709,11 @@ int backward_single(const Args<T>& args) {
         const T* gi = A.g + i * H * Dv;
         const T* lse_i = A.stat + i * 2 * H;
         const T* delta_i = lse_i + H;
-        head_dots<T, HC, DC>(gi, vj, da, H, Dv);
+        if (SV) {
+          shared_dots<T, HC>(gi, vj, da, H, Dv);
+        } else {
+          head_dots<T, HC, DC>(gi, vj, da, H, Dv);
+        }
         const T* __restrict ga = A.ga ? A.ga + e * H : no_ga;
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) {
@@ -642,11 +748,11 @@ int backward_single(const Args<T>& args) {
         if (dv) {
 #pragma omp simd
           for (int64_t h = 0; h < H; ++h) p[h] *= c[h];
-          head_axpy<T, HC, DC>(p, gi, accv.data(), H, Dv);
+          value_grad_axpy<T, HC, DC, SV>(p, gi, accv.data(), H, Dv);
         }
       }
       if (bad) continue;
-      if (dv) std::copy(accv.begin(), accv.end(), dv + j * A.out_stride);
+      if (dv) std::copy(accv.begin(), accv.begin() + vw, dv + j * A.out_stride);
       if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * A.dk_stride);
     }
     if (A.dq) {
@@ -666,11 +772,11 @@ int backward_single(const Args<T>& args) {
   return bad ? 2 : 0;
 }
 
-template <typename T, bool DOT, int HC, int DC>
+template <typename T, bool DOT, int HC, int DC, bool SV = false>
 int run3(int which, const Args<T>& A) {
-  if (which == 0) return forward<T, DOT, HC, DC>(A);
-  if (which == 1) return backward_dst<T, DOT, HC, DC>(A);
-  return backward_single<T, DOT, HC, DC>(A);  // 2 (pass B) and 3
+  if (which == 0) return forward<T, DOT, HC, DC, SV>(A);
+  if (which == 1) return backward_dst<T, DOT, HC, DC, SV>(A);
+  return backward_single<T, DOT, HC, DC, SV>(A);  // 2 (pass B) and 3
 }
 
 // Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
@@ -678,6 +784,9 @@ int run3(int which, const Args<T>& A) {
 // A specialised dot kernel takes its key width from DC too, so it needs Dk == Dv.
 template <typename T, bool DOT>
 int run(int which, const Args<T>& A) {
+  if (A.v_shared) {  // shared values: any widths; 8 heads (GAT's usual count) with its accumulators in registers
+    return A.H == 8 ? run3<T, DOT, 8, 0, true>(which, A) : run3<T, DOT, 0, 0, true>(which, A);
+  }
   if (std::is_same<T, float>::value && (!DOT || A.Dk == A.Dv)) {
     if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A);
     switch (A.Dv) {
@@ -698,7 +807,7 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
           const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,
-          const T* ob, T* dob, const int64_t* strides, int nthreads) {
+          const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared) {
   if (which < 0 || which > 3 || H < 0 || Dk < 0 || Dv < 0) return 1;
   // the output bias: added by the forward, read (with its gradient) by the single pass only
   if ((ob && which != 0 && which != 3) || (dob && (which != 3 || !ob))) return 1;
@@ -707,8 +816,9 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   // pass B reads delta from stat (pass A wrote it) and writes dv and dk only
   if (which == 2 && (o || dq || attn || dw)) return 1;
   const int64_t kw = dot ? H * Dk : H;  // the width of a row of q or k
-  // q k v out dk dq; out: (N, H, Dv) in the forward and pass B / single (dv), q's width in pass A (dq)
-  const int64_t width[6] = {kw, kw, H * Dv, which == 1 ? kw : H * Dv, kw, kw};
+  // q k v out dk dq; out: (N, H, Dv) in the forward, v's width in pass B / single (dv), q's in pass A (dq)
+  const int64_t vw = v_shared ? Dv : H * Dv;  // the width of a row of v (and of dv)
+  const int64_t width[6] = {kw, kw, vw, which == 0 ? H * Dv : which == 1 ? kw : vw, kw, kw};
   int64_t stride[6];
   for (int x = 0; x < 6; ++x) {
     stride[x] = strides ? strides[x] : width[x];
@@ -725,7 +835,7 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   const int threads = work < (int64_t(1) << 21) ? 1 : std::max(1, nthreads);
   Args<T> A{n_rows, n_other, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, o, dq, ob, dob, threads, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
+            out, attn, dk, dw, o, dq, ob, dob, threads, v_shared != 0, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
   try {  // an exception must not cross the C interface (std::terminate): 3 = out of memory
     return dot ? run<T, true>(which, A) : run<T, false>(which, A);
   } catch (const std::bad_alloc&) {
@@ -745,12 +855,13 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
                       const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,           \
-                      const T* ob, T* dob, const int64_t* strides, int nthreads) {                      \
+                      const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared) {        \
     return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
-                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, ob, dob, strides, nthreads); \
+                    keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, ob, dob, strides, nthreads, \
+                    v_shared);                                                                          \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 6; }
+extern "C" int gatx_fused_abi_version() { return 7; }

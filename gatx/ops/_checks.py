@@ -65,6 +65,13 @@ def same_heads(a: Tensor, b: Tensor, na: str, nb: str) -> None:
         raise ValueError(f"{na} and {nb} must have the same number of heads, got {a.shape[1]} and {b.shape[1]}")
 
 
+def value_heads(scores: Tensor, v: Tensor, name: str) -> None:
+    """v has the scores' heads, or one head that every head reads (shared values)."""
+    if v.shape[1] not in (1, scores.shape[1]):
+        raise ValueError(f"{name} and v must have the same number of heads, or v one head shared by all, got "
+                         f"{scores.shape[1]} and {v.shape[1]}")
+
+
 def broadcasts_to(t: Tensor, name: str, shape: tuple[int, ...], described: str) -> None:
     """``t`` broadcasts to exactly ``shape`` (``described`` names it in the message)."""
     try:

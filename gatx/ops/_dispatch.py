@@ -68,6 +68,12 @@ def takes_out_bias(mod: ModuleType) -> bool:
     return getattr(mod, "TAKES_OUT_BIAS", False)
 
 
+def takes_shared_values(mod: ModuleType) -> bool:
+    """Whether a backend module's ``sparse_attention`` takes v of one head read by every head (else the op
+    gives it v expanded to the scores' heads)."""
+    return getattr(mod, "TAKES_SHARED_VALUES", False)
+
+
 def _reasons(name: str, graph: Graph, tensors: tuple[Tensor | None, ...], op: str, opts: dict[str, Any]) -> list[str]:
     if torch.compiler.is_compiling() and name in _UNTRACEABLE:
         return [_UNTRACEABLE[name]]

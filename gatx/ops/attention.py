@@ -17,7 +17,7 @@ from .._amp import autocast_available
 from ..graph import Graph
 from . import _checks as C
 from ._bias import TableBias, add_out_bias
-from ._dispatch import backend_module, select, takes_out_bias, takes_table_bias
+from ._dispatch import backend_module, select, takes_out_bias, takes_shared_values, takes_table_bias
 
 __all__ = ["gat_score", "dot_score", "edge_softmax", "aggregate", "sparse_attention"]
 
@@ -157,7 +157,9 @@ def sparse_attention(
     Args:
         q, k: ``score="dot"``: (num_dst, H, D) and (num_src, H, D). ``score="additive"``: (num_dst, H)
             and (num_src, H); DGL's (N, H, 1) layout is accepted and squeezed. ``None`` for "given".
-        v: (num_src, H, Dv) values.
+        v: (num_src, H, Dv) values, or (num_src, 1, Dv) values that every head reads (shared values:
+            head h's output is :math:`\\sum_e a_{e,h} v_j`; GATConv aggregates its input rows so when
+            that is cheaper than projecting every src row).
         logits: (E, H) scores for ``score="given"``.
         bias: optional per-edge score term (relative position bias, edge features, a -inf mask):
             (E, H), or (E, 1) / (E,) shared by all heads; or a :class:`TableBias` (a table row per
@@ -187,7 +189,6 @@ def sparse_attention(
     v = C.check_tensor(v, "v", graph, "(num_src, H, D)")
     C.check_rows(v, "v", graph.num_src, "num_src", (3,), "(num_src, H, D)")
     C.check_width(v, "v", "(num_src, H, D)")
-    H = v.shape[1]
     if score == "given":
         if q is not None or k is not None:
             raise ValueError("score='given' scores edges by the logits= argument; pass q=None and k=None")
@@ -195,7 +196,7 @@ def sparse_attention(
             raise ValueError(f"score='given' needs logits= of shape (E={graph.num_edges}, H)")
         logits = C.check_tensor(logits, "logits", graph, "(E, H)")
         C.check_rows(logits, "logits", graph.num_edges, "E", (2,), "(E, H)")
-        C.same_heads(logits, v, "logits", "v")
+        C.value_heads(logits, v, "logits")
         scale = C.real(scale, "scale") if scale is not None else 1.0
     elif logits is not None:
         raise ValueError(f"logits= is used only with score='given', got score={score!r}")
@@ -217,7 +218,8 @@ def sparse_attention(
             raise ValueError("scale is used with score='dot' or 'given'; the additive score has no scale")
     if score != "given":
         C.same_heads(q, k, "q", "k")
-        C.same_heads(k, v, "k", "v")
+        C.value_heads(k, v, "k")
+    H = logits.shape[1] if score == "given" else q.shape[1]  # the scores' heads; v has them or one
     values = None  # the bias's values: the per-edge tensor, or a TableBias's table (cast and dtype-checked)
     if isinstance(bias, TableBias):
         values = C.table_bias(bias, graph, H)
@@ -241,7 +243,12 @@ def sparse_attention(
         score=score, logits=logits, scale=scale, bias=bias, negative_slope=negative_slope, edge_weight=edge_weight,
         dropout_p=dropout_p, return_attention=bool(return_attention),
     )
-    mod = select(_pick(backend, H), graph, q, k, v, bias, edge_weight, logits, op="sparse_attention", **opts)
+    # shared values (one head of v for all H): backends are asked about, and except the ones that read
+    # them so get, v expanded to H heads (a view; autograd sums its gradient over the heads)
+    full = v.expand(v.shape[0], H, v.shape[2]) if v.shape[1] != H else v
+    mod = select(_pick(backend, H), graph, q, k, full, bias, edge_weight, logits, op="sparse_attention", **opts)
+    if not (takes_shared_values(mod) and not torch.compiler.is_compiling()):
+        v = full
     if isinstance(bias, TableBias) and not takes_table_bias(mod):
         opts["bias"] = bias.per_edge()  # (E, H) or (E, 1)
     if out_bias is not None and takes_out_bias(mod):
