@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="untimed batches per system")
     p.add_argument("--batches", type=int, default=30, help="timed batches per system")
-    p.add_argument("--systems", default="gatx,dgl", help="sampled-training systems")
+    p.add_argument("--systems", default="gatx,dgl", help="sampled-training systems: gatx, dgl, and gatx-project-first "
+                   "(gatx with GATConv's aggregate-first path off, to see what it buys)")
     p.add_argument("--full-batch", default="gatx,dgl,pyg", help="full-batch systems ('' to skip)")
     p.add_argument("--full-scale", default="gatx", help="full-batch systems also run at full scale when they fit")
     p.add_argument("--mem-budget-gib", type=float, default=20.0, help="largest full-batch prediction to run")
@@ -80,7 +81,19 @@ def model_args(ex, args, impl: str):
 
 
 # ---------------------------------------------------------------------------------- sampled training
-def sampled_row(ex, args, data, g, impl: str) -> dict:
+def sampled_row(ex, args, data, g, system: str) -> dict:
+    """One system's sampled-training row; ``gatx-project-first`` is gatx with GATConv's aggregate-first
+    path turned off (every layer projects its src rows first, as before that path existed)."""
+    import gatx.nn.gatconv as gatconv
+
+    gatconv.AGGREGATE_FIRST = False if system == "gatx-project-first" else None
+    try:
+        return _sampled_row(ex, args, data, g, "gatx" if system == "gatx-project-first" else system) | {"system": system}
+    finally:
+        gatconv.AGGREGATE_FIRST = None
+
+
+def _sampled_row(ex, args, data, g, impl: str) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -258,11 +271,12 @@ def markdown(env: dict, rows: list[dict], args) -> str:
             lines.append(f"| {r['system']} | {r['seeds_per_s']:.0f} | {r['compute_s_per_batch']:.2f} | {r['sample_s_per_batch']:.2f} | "
                          f"{100 * r['sample_share']:.0f}% | {r['peak_mem_mib']:.0f} | {r['load_avg_1min']} |")
     sampled = {r["system"]: r for r in rows if r["phase"] == "sampled"}
-    if {"gatx", "dgl"} <= sampled.keys():
-        g, d = sampled["gatx"], sampled["dgl"]
-        lines += ["", f"gatx / DGL: throughput {g['seeds_per_s'] / d['seeds_per_s']:.2f}x, compute per batch "
-                      f"{d['compute_s_per_batch'] / g['compute_s_per_batch']:.2f}x faster, peak memory "
-                      f"{g['peak_mem_mib'] / max(d['peak_mem_mib'], 1e-9):.2f}x"]
+    for name in ("gatx", "gatx-project-first"):
+        if {name, "dgl"} <= sampled.keys():
+            g, d = sampled[name], sampled["dgl"]
+            lines += ["", f"{name} / DGL: throughput {g['seeds_per_s'] / d['seeds_per_s']:.2f}x, compute per batch "
+                          f"{d['compute_s_per_batch'] / g['compute_s_per_batch']:.2f}x faster, peak memory "
+                          f"{g['peak_mem_mib'] / max(d['peak_mem_mib'], 1e-9):.2f}x"]
     lines += ["", "## Full batch (one training step = one epoch)", "",
               "| system | nodes | edges | status | epoch s | peak GiB | predicted GiB | note |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

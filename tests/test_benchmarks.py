@@ -264,6 +264,24 @@ def test_compile_failure_is_recorded(bench_modules, monkeypatch) -> None:
     assert "| breaks |" in md and "compile[fullgraph]: failed" in md
 
 
+def test_block_bench_rows(tmp_path) -> None:
+    """``bench_block.py --tiny``: every system agreed with the float64 reference before it was timed, gatx
+    took the aggregate-first path there (its rule) and project-first when told, and ratios are to DGL."""
+    out = tmp_path / "block.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_block.py"), "--tiny", "--json", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["gatx"]["path"] == "aggregate-first" and rows["gatx[project-first]"]["path"] == "project-first"
+    for r in rows.values():
+        if r["status"] == "ok":
+            assert r["max_rel_diff"] <= 1e-3 and r["median_ms"] > 0 and len(r["times_ms"]) == 2
+            assert r["src"] > r["dst"] == 500 and r["edges"] == 5000
+    if rows["dgl.GATConv"]["status"] == "ok":
+        assert rows["dgl.GATConv"]["ratio_to_dgl"] == pytest.approx(1.0)
+        assert rows["gatx"]["ratio_to_dgl"] == pytest.approx(rows["gatx"]["median_ms"] / rows["dgl.GATConv"]["median_ms"])
+
+
 def test_contention_bench_rows(tmp_path) -> None:
     """``bench_contention.py --tiny`` in two rounds: both systems agreed, were timed quiet (on all threads and
     on one) and beside a busy process of two threads, and the busy process is gone afterwards (slowdown =
