@@ -396,6 +396,26 @@ def write_json(path: str | None, env: dict[str, Any], rows: list[dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------- one system
+def pyg_gat(in_feats: int, out_feats: int, heads: int, state: dict[str, Any], device: Any = "cpu") -> tuple[Any, dict[str, Any]]:
+    """PyG's ``GATConv`` (no self-loops added; one ``lin`` for src and dst rows, as gatx's ``fc``) holding the
+    weights of a gatx GATConv ``state``, and {gatx parameter name: the PyG parameter holding it}."""
+    try:
+        from torch_geometric.nn import GATConv as PygGATConv
+    except ImportError as err:
+        raise Skip(f"torch_geometric is not installed ({err})") from err
+    import torch
+
+    layer = PygGATConv(in_feats, out_feats, heads=heads, add_self_loops=False).to(device)
+    names = {"fc.weight": "lin.weight", "attn_l": "att_src", "attn_r": "att_dst", "bias": "bias"}
+    params = dict(layer.named_parameters())
+    if set(params) != set(names.values()):
+        raise Skip(f"unexpected PyG GATConv parameters {sorted(params)}; update the name map")
+    with torch.no_grad():
+        for ours, theirs in names.items():
+            params[theirs].copy_(state[ours].view_as(params[theirs]))
+    return layer, {o: params[t] for o, t in names.items()}
+
+
 class Skip(Exception):
     """A system or case that cannot run here; the message says why."""
 

@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from _harness import (HelpFormatter, Skip, allocator, environment, fwd_bwd, load_average, log, max_diff,
+from _harness import (HelpFormatter, Skip, allocator, environment, fwd_bwd, load_average, log, max_diff, pyg_gat,
                       quiet_import_dgl, write_json)
 
 
@@ -96,21 +96,11 @@ def systems(c: dict[str, Any], args: argparse.Namespace) -> tuple[Runs, dict[str
     except ImportError as err:
         skipped["dgl.GATConv"] = f"DGL is not importable: {err}"
     try:
-        from torch_geometric.nn import GATConv as PygGATConv
-
-        pyg = PygGATConv(F, D, heads=H, add_self_loops=False)  # one lin for src and dst rows, as GATConv's fc
-        names = {"fc.weight": "lin.weight", "attn_l": "att_src", "attn_r": "att_dst", "bias": "bias"}
-        params = dict(pyg.named_parameters())
-        if set(params) != set(names.values()):
-            raise Skip(f"unexpected PyG GATConv parameters {sorted(params)}; update the name map")
-        with torch.no_grad():
-            for ours, theirs in names.items():
-                params[theirs].copy_(layer.state_dict()[ours].view_as(params[theirs]))
+        pyg, params = pyg_gat(F, D, H, layer.state_dict())
         edge_index = torch.stack([c["src"], c["dst"]])
         n_dst = c["n_dst"]
-        runs["pyg.GATConv"] = ((lambda: pyg((feat, feat[:n_dst]), edge_index).view(n_dst, H, D)),
-                               {o: params[t] for o, t in names.items()})
-    except (ImportError, Skip) as err:
+        runs["pyg.GATConv"] = ((lambda: pyg((feat, feat[:n_dst]), edge_index).view(n_dst, H, D)), params)
+    except Skip as err:
         skipped["pyg.GATConv"] = str(err)
     return runs, skipped
 

@@ -32,7 +32,7 @@ import sys
 from typing import Any, Callable
 
 from _harness import (HelpFormatter, Skip, check_and_time, copy_bandwidth, cuda_missing, environment, fwd_bwd, gemm_rate, log,
-                      progress, quiet_import_dgl, allocator, write_json)
+                      progress, pyg_gat, quiet_import_dgl, allocator, write_json)
 
 HEADS, OUT_FEATS, AVG_DEGREE = 8, 8, 20
 FULL_SIZES = [32, 100, 300, 1000, 3000, 10000, 30000, 100000, 300000]
@@ -187,23 +187,12 @@ def _dgl_builder(c: dict[str, Any]):
 
 
 def _pyg_builder(c: dict[str, Any]):
-    try:
-        from torch_geometric.nn import GATConv as PygGATConv
-    except ImportError as err:
-        raise Skip(f"torch_geometric is not installed ({err})") from err
     import torch
 
-    layer = PygGATConv(c["in_feats"], OUT_FEATS, heads=HEADS, add_self_loops=False).to(c["device"])
-    names = {"fc.weight": "lin.weight", "attn_l": "att_src", "attn_r": "att_dst", "bias": "bias"}
-    params = dict(layer.named_parameters())
-    if set(params) != set(names.values()):
-        raise Skip(f"unexpected PyG GATConv parameters {sorted(params)}; update the name map")
-    with torch.no_grad():
-        for ours, theirs in names.items():
-            params[theirs].copy_(c["state"][ours].view_as(params[theirs]))
+    layer, params = pyg_gat(c["in_feats"], OUT_FEATS, HEADS, c["state"], c["device"])
     edge_index = torch.stack([c["src"], c["dst"]]).to(c["device"])
     n = c["n"]
-    return (lambda: layer(c["feat"], edge_index).view(n, HEADS, OUT_FEATS)), {o: params[t] for o, t in names.items()}
+    return (lambda: layer(c["feat"], edge_index).view(n, HEADS, OUT_FEATS)), params
 
 
 def _dense_builder(c: dict[str, Any]):
