@@ -124,3 +124,18 @@ def test_values_of_another_head_count_are_refused() -> None:
         ops.sparse_attention(g, None, None, torch.randn(30, 3, 5), score="given", logits=torch.randn(100, 4))
     # one head of scores and of values is the plain case
     assert ops.sparse_attention(g, q[:, :1], k[:, :1], torch.randn(30, 1, 5), score="additive").shape == (20, 1, 5)
+
+
+def test_shared_values_under_torch_compile() -> None:
+    # while compiling, every backend (the fused one's custom op included) gets v expanded to the heads
+    g = bipartite(50, 30, 400, seed=8)
+    x = inputs(g, "additive", 4, 6, True, seed=9, dtype=torch.float32)
+
+    def f(q, k, v):
+        return ops.sparse_attention(g, q, k, v, score="additive")
+
+    want = f(x["q"], x["k"], x["v"])
+    want_grads = torch.autograd.grad(want.sin().sum(), [x["q"], x["k"], x["v"]])
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(x["q"], x["k"], x["v"])
+    grads = torch.autograd.grad(got.sin().sum(), [x["q"], x["k"], x["v"]])
+    assert_close([got] + list(grads), [want] + list(want_grads), 1e-5)
