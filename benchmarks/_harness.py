@@ -115,6 +115,8 @@ def environment(device: str) -> dict[str, Any]:
         "load_avg_1min": load_average(),
         "allocator": ("glibc: timed with freed buffers reused (mmap threshold 32 MiB), memory phases strict"
                       if _mode == "reuse" else "the platform's default (memory numbers may undercount reuse)"),
+        # glibc's own tunables from the environment (e.g. MALLOC_MMAP_MAX_=0: no buffer is a fresh mmap)
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k.startswith("GLIBC_TUNABLES")},
     }
 
 
