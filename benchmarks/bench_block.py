@@ -84,19 +84,20 @@ def systems(c: dict[str, Any], args: argparse.Namespace) -> tuple[Runs, dict[str
             gatconv.AGGREGATE_FIRST = None
 
     c["path"] = "aggregate-first" if gatconv.aggregates_first(graph, feat, H, D, None) else "project-first"
+    c["state"] = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     runs: Runs = {"gatx": ((lambda: layer(graph, feat)), dict(layer.named_parameters())),
                   "gatx[project-first]": (project_first, dict(layer.named_parameters()))}
     skipped: dict[str, str] = {}
     try:
         dgl = quiet_import_dgl()
         ref = dgl.nn.pytorch.GATConv(F, D, H)
-        ref.load_state_dict(layer.state_dict())
+        ref.load_state_dict(c["state"])
         g = dgl.create_block((c["src"], c["dst"]), num_src_nodes=c["n_src"], num_dst_nodes=c["n_dst"])
         runs["dgl.GATConv"] = ((lambda: ref(g, feat)), dict(ref.named_parameters()))
     except ImportError as err:
         skipped["dgl.GATConv"] = f"DGL is not importable: {err}"
     try:
-        pyg, params = pyg_gat(F, D, H, layer.state_dict())
+        pyg, params = pyg_gat(F, D, H, c["state"])
         edge_index = torch.stack([c["src"], c["dst"]])
         n_dst = c["n_dst"]
         runs["pyg.GATConv"] = ((lambda: pyg((feat, feat[:n_dst]), edge_index).view(n_dst, H, D)), params)
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     gout = torch.randn(c["n_dst"], args.heads, args.out_feats)
     # the reference: gatx's project-first path in float64, on the same weights
     ref_layer = gatx.GATConv(args.in_feats, args.out_feats, args.heads).double()
-    ref_layer.load_state_dict({k: v.double() for k, v in dict(runs["gatx"][1]).items()}, strict=False)
+    ref_layer.load_state_dict({k: v.double() for k, v in c["state"].items()})
     graph = gatx.Graph(c["src"], c["dst"], c["n_src"], c["n_dst"], is_block=True)
     gatconv.AGGREGATE_FIRST = False
     try:

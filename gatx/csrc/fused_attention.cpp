@@ -217,18 +217,6 @@ inline void head_dots(const T* __restrict x, const T* __restrict y, T* __restric
   }
 }
 
-// out[h] = <g[h, :], v[:]> (shared values), or head_dots
-template <typename T, int HC, int DC, bool SV>
-inline void value_dots(const T* __restrict g, const T* __restrict v, T* __restrict out, int64_t H, int64_t D) {
-  if (!SV) return head_dots<T, HC, DC>(g, v, out, H, D);
-  const int64_t nh = HC ? HC : H, nd = DC ? DC : D;
-  for (int64_t h = 0; h < nh; ++h) {
-    T acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t d = 0; d < nd; ++d) acc += g[h * nd + d] * v[d];
-    out[h] = acc;
-  }
-}
 
 // Shared values, one dst row: out[h, :] = sum_t a[t, h] * v[nbr[t], :] over the row's deg edges. The row's
 // value rows are read once per 64-byte column block, with every head's accumulator for the block held in
@@ -265,12 +253,20 @@ inline void shared_rows_sum(const T* __restrict a, const int64_t* __restrict nbr
   }
 }
 
-// Shared values: out[h] = <g[h, :], v[:]> for all heads, the heads' sums side by side in registers
-// (value_dots runs one dependent chain of adds per head)
+// Shared values: out[h] = <g[h, :], v[:]> for all heads; with a compile-time head count the heads' sums
+// side by side (one dependent chain of adds per head otherwise)
 template <typename T, int HC>
 inline void shared_dots(const T* __restrict g, const T* __restrict v, T* __restrict out, int64_t H, int64_t Dv) {
   constexpr int64_t W = 64 / sizeof(T);
-  if (!HC) return value_dots<T, 0, 0, true>(g, v, out, H, Dv);
+  if (!HC) {
+    for (int64_t h = 0; h < H; ++h) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < Dv; ++d) acc += g[h * Dv + d] * v[d];
+      out[h] = acc;
+    }
+    return;
+  }
   T acc[HC ? HC : 1][W] = {};
   int64_t d0 = 0;
   for (; d0 + W <= Dv; d0 += W) {
