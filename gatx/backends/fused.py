@@ -163,6 +163,11 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
     return out
 
 
+def _shared_values(q: Tensor, v: Tensor) -> bool:
+    """v has one head that the scores' several heads all read (q's heads are the scores')."""
+    return v.shape[1] == 1 and q.shape[1] != 1
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None and t.numel() else None
 
@@ -203,7 +208,7 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     fn = lib.gatx_fused_f32 if v.dtype == torch.float32 else lib.gatx_fused_f64
     indptr, nbr, eid, n_other = rows
     H, Dv = q.shape[1], v.shape[2]  # heads: the scores' (v may have one head that every head reads)
-    shared = v.shape[1] == 1 and H != 1
+    shared = _shared_values(q, v)
     Dk = q.shape[2] if dot else 1
     kw, vw = H * Dk, (1 if shared else H) * Dv  # the widths of a row of q or k, and of v
     # row strides of q, k, v, out, dk, dq (rows of each are contiguous: see _rows)
@@ -278,7 +283,7 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     dob = torch.empty_like(ob) if need_ob else None
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
-    if v.shape[1] == 1 and q.shape[1] != 1 and not dot and not need_v and edge_src is not None:
+    if _shared_values(q, v) and not dot and not need_v and edge_src is not None:
         dz = db if db is not None else (torch.empty((edge_src.numel(), q.shape[1]), dtype=v.dtype) if need_k else None)
         if dob is not None:
             torch.sum(g_out, 0, out=dob)

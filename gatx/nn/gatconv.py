@@ -104,8 +104,8 @@ def aggregated_projection(g: Any, x: Tensor, weight: Tensor, attn_l: Tensor, att
 
     The scores' node terms come from x directly (``el = x @ (W_h^T attn_l_h)`` per head, ``er`` alike
     for the dst rows), the fused kernel sums the (N_src, F) input rows per head with x as values shared
-    by every head, and one batched product projects the (N_dst, H, F) aggregates: (N_dst, H, D), and the
-    (E, H) attention when ``attention["return_attention"]``."""
+    by every head, and one GEMM per head projects the (N_dst, H, F) aggregates (:class:`_HeadProjection`):
+    (N_dst, H, D), and the (E, H) attention when ``attention["return_attention"]``."""
     n_dst = g.num_dst
     el = x @ (head_blocks(attn_l).t() @ weight).t()  # (N_src, H)
     er = x[:n_dst] @ (head_blocks(attn_r).t() @ weight).t()  # (N_dst, H)

@@ -247,7 +247,7 @@ def sparse_attention(
     # them so get, v expanded to H heads (a view; autograd sums its gradient over the heads)
     full = v.expand(v.shape[0], H, v.shape[2]) if v.shape[1] != H else v
     mod = select(_pick(backend, H), graph, q, k, full, bias, edge_weight, logits, op="sparse_attention", **opts)
-    if not (takes_shared_values(mod) and not torch.compiler.is_compiling()):
+    if torch.compiler.is_compiling() or not takes_shared_values(mod):
         v = full
     if isinstance(bias, TableBias) and not takes_table_bias(mod):
         opts["bias"] = bias.per_edge()  # (E, H) or (E, 1)
