@@ -212,7 +212,7 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
     if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (strided copies when tiles are blocks)
         rows = vals.contiguous().view(vals.shape[0], -1, Kt)
         dense = tiling.blocks.to_blocks(rows) if tiling.blocks is not None else tiling.query_nodes(rows)
-        return dense.view(vals.shape[0], -1), True
+        return dense.view(vals.shape[0], -1), dense is not rows  # an identity plan moves nothing (vals' memory)
     return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full,
                                tiling.blocks is not None), True
 

@@ -33,12 +33,16 @@ class BlockPlan:
     copy (no index tensor, no roll);
     :meth:`from_blocks` is the inverse. ``boxes`` per axis: (t0, t1, j0, j1, p0), tiles [t0, t1) x
     slots [j0, j1) that read positions p0, p0 + 1, ... (row-major); at most 3 per axis.
+    ``identity``: the tile order is the grid's row order (no roll, and no axis before the last one with
+    several tiles has a tile longer than 1: one window over the whole grid, any 1-D tiling, Swin's
+    last stage), so both moves are views and nothing is copied.
     """
 
     shape: tuple[int, ...]
     nts: tuple[int, ...]
     Ts: tuple[int, ...]
     boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
+    identity: bool = False
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
@@ -55,8 +59,11 @@ class BlockPlan:
                     out.append((t, t + max(n, 1), j, j + (end - p if not n else T), p0 + p - lo))
                     p = end
             boxes.append(tuple(out))
-        return cls(tuple(a.length for a in axes), tuple(a.queries.shape[0] for a in axes),
-                   tuple(a.queries.shape[1] for a in axes), tuple(boxes))
+        nts, Ts = tuple(a.queries.shape[0] for a in axes), tuple(a.queries.shape[1] for a in axes)
+        # (*nts, *Ts) is the grid's (nt_0, T_0, nt_1, T_1, ..) order iff no T_a > 1 precedes an nt_b > 1 (a < b)
+        last_split = max([b for b, nt in enumerate(nts) if nt > 1], default=0)
+        identity = all(a.rotation == 0 for a in axes) and all(T == 1 for T in Ts[:last_split])
+        return cls(tuple(a.length for a in axes), nts, Ts, tuple(boxes), identity)
 
     def _pairs(self, grid: Tensor, tiles: Tensor):
         """(grid piece, tile piece) views of every box combination, the grid piece permuted to tile layout."""
@@ -70,12 +77,15 @@ class BlockPlan:
             yield src.view(H, *[s for pair in sizes for s in pair], C).permute(to_tiles), dst
 
     def to_blocks(self, x: Tensor) -> Tensor:
-        """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order)."""
-        return _ToBlocks.apply(x, self)
+        """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order).
+
+        A new tensor, except for an ``identity`` plan: then ``x`` itself (never write into the result)."""
+        return x if self.identity else _ToBlocks.apply(x, self)
 
     def from_blocks(self, x: Tensor) -> Tensor:
-        """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks`."""
-        return _FromBlocks.apply(x, self)
+        """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks` (``x`` itself
+        for an ``identity`` plan)."""
+        return x if self.identity else _FromBlocks.apply(x, self)
 
 
 def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ GRAPHS = {
     "win 1-D 8 w8": lambda: window_graph((8,), 8),  # one tile of all pairs (the temporal path's graph)
     "na 35x21 k7": lambda: neighborhood_graph(35, 21, 7),  # halo windows: border tiles + one run of interior tiles
     "win 3-D 4x6x6 s1": lambda: window_graph((4, 6, 6), (2, 3, 3), (1, 1, 1)),  # rolled blocks on 3 axes
+    "win 7x7 w7": lambda: window_graph(7, 7, 7),  # Swin's last stage: one window, the tile order is the grid's
 }
 
 
@@ -182,7 +183,8 @@ def test_fast_paths_are_taken():
     assert neighborhood_graph(11, 9, 3, 2).structure.tiling.halo is None  # dilated: halos are not ranges
 
 
-@pytest.mark.parametrize("name", ["win 8x8 w4 s2", "win 3-D 4x6x6 s1", "na 13x10 k5", "na 35x21 k7"])  # 13x10: halo only
+@pytest.mark.parametrize("name", ["win 8x8 w4 s2", "win 3-D 4x6x6 s1", "na 13x10 k5", "na 35x21 k7",  # 13x10: halo only
+                                  "win 1-D 12 w4"])  # an identity plan: the moves are x itself
 def test_block_and_halo_moves_are_adjoint(name):
     """to_blocks / from_blocks are inverse permutations and the halo gather's backward is its adjoint
     (<gather(x), y> = <x, scatter(y)>); the backward of the backward is the move again (exact double backward)."""
@@ -207,3 +209,43 @@ def test_block_and_halo_moves_are_adjoint(name):
         z = torch.randn(x.shape, generator=gen, dtype=torch.float64)
         (again,) = torch.autograd.grad(back, r, z)  # the backward of the backward: the move itself
         assert torch.equal(again, move(z)), f"{name}: {move.__name__} double backward differs from the move"
+
+
+IDENTITY = {((8,), 8, 0): True, ((12,), 4, 0): True, ((12,), 4, 2): False, ((7, 7), 7, 0): True,
+            ((14, 7), 7, 0): True, ((14, 14), 7, 0): False, ((7, 14), 7, 0): False, ((14, 14), 7, 3): False,
+            ((4, 7, 7), (2, 7, 7), 0): True, ((4, 14, 14), (2, 7, 7), 0): False, ((1, 14, 14), (1, 7, 7), 0): False}
+
+
+@pytest.mark.parametrize("case", list(IDENTITY))
+def test_identity_block_plans(case):
+    """A block plan is marked ``identity`` exactly when its strided copies would leave every row where it is
+    (one window over the grid, 1-D windows, Swin's last stage, windows cut along the first axis only); then
+    both moves return x itself, and the result equals the copies' (so no caller depends on which ran)."""
+    from gatx.backends import structured_moves as moves
+
+    shape, window, shift = case
+    plan = window_graph(shape, window, shift).structure.tiling.blocks
+    x = torch.randn(2, torch.Size(plan.shape).numel(), 3, dtype=torch.float64)
+    copied = moves._ToBlocks.apply(x, plan)
+    assert plan.identity == IDENTITY[case] == torch.equal(copied, x), (case, plan.nts, plan.Ts)
+    if plan.identity:
+        assert plan.to_blocks(x) is x and plan.from_blocks(x) is x
+    assert torch.equal(plan.to_blocks(x), copied) and torch.equal(plan.from_blocks(copied), x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3), st.booleans()), min_size=1, max_size=3))
+def test_identity_flag_matches_the_copies(axes):
+    """Over random 1-3-D (shifted) window grids: ``identity`` iff the copies are the identity permutation
+    (a shifted axis of one window has no block plan: its rolled window is not a block of the grid)."""
+    from gatx.backends import structured_moves as moves
+
+    window = tuple(w for w, _, _ in axes)
+    shape = tuple(w * n for w, n, _ in axes)
+    shift = tuple(w // 2 if s else 0 for w, _, s in axes)
+    plan = window_graph(shape, window, shift).structure.tiling.blocks
+    if plan is None:
+        assert any(s and n == 1 for (_, n, s) in axes), (shape, window, shift)
+        return
+    x = torch.randn(2, torch.Size(shape).numel(), 3, dtype=torch.float64)
+    assert plan.identity == torch.equal(moves._ToBlocks.apply(x, plan), x), (shape, window, shift)
