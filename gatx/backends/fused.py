@@ -284,7 +284,7 @@ def backward_pass(csr: tuple[Tensor, Tensor, Tensor, int], csc: Any, q: Tensor, 
     # the single pass groups dq's sums by thread (rows handed out dynamically: the last bits can change from
     # run to run); torch.use_deterministic_algorithms asks for passes 1 + 2, whose bits never do
     if _shared_values(q, v) and not dot and not need_v and edge_src is not None:
-        dz = db if db is not None else (torch.empty((edge_src.numel(), q.shape[1]), dtype=v.dtype) if need_k else None)
+        dz = db if db is not None else (v.new_empty((edge_src.numel(), q.shape[1])) if need_k else None)
         if dob is not None:
             torch.sum(g_out, 0, out=dob)
         _call(1, dot, csr, *args, g=g_out, ga=g_attn, out=dq, attn=dz, dw=dw)

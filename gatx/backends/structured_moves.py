@@ -35,7 +35,7 @@ class BlockPlan:
     slots [j0, j1) that read positions p0, p0 + 1, ... (row-major); at most 3 per axis.
     ``identity``: the tile order is the grid's row order (no roll, and no axis before the last one with
     several tiles has a tile longer than 1: one window over the whole grid, any 1-D tiling, Swin's
-    last stage), so both moves are views and nothing is copied.
+    last stage), so both moves return x itself and nothing is copied.
     """
 
     shape: tuple[int, ...]

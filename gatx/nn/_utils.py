@@ -229,6 +229,12 @@ def head_blocks(attn: Tensor) -> Tensor:
     return (attn[0].unsqueeze(-1) * eye.unsqueeze(1)).reshape(H * D, H)  # (H*D, H)
 
 
+def score_rows(attn: Tensor, weight: Tensor) -> Tensor:
+    """(H, F): row h is ``W_h^T attn_h`` for a (1, H, D) attention vector and an (H*D, F) weight, so that
+    ``x @ score_rows(a, W).t()`` is the score term ``(x @ W.t()) @ head_blocks(a)`` straight from x."""
+    return head_blocks(attn).t() @ weight
+
+
 def _diag_blocks(m: Tensor, heads: int) -> Tensor:
     """(H, H*D) -> (1, H, D): row h's block h (the per-head gradient of an attention vector)."""
     idx = torch.arange(heads, device=m.device)
@@ -277,9 +283,9 @@ def _attn_grads(feat: Tensor, g_el: Tensor | None, g_er: Tensor | None, n_dst: i
 
 
 def _folded_weight(weight: Tensor, attn_l: Tensor, attn_r: Tensor) -> Tensor:
-    """(H*D + 2H, F): the weight with the score terms' rows ``head_blocks(a).t() @ weight`` appended, so
-    that ``x @ it.t()`` is ``[feat | el | er]`` (el = feat @ head_blocks(attn_l), er alike) in one product."""
-    return torch.cat([weight, head_blocks(attn_l).t() @ weight, head_blocks(attn_r).t() @ weight])
+    """(H*D + 2H, F): the weight with the score terms' rows (:func:`score_rows`) appended, so that
+    ``x @ it.t()`` is ``[feat | el | er]`` (el = feat @ head_blocks(attn_l), er alike) in one product."""
+    return torch.cat([weight, score_rows(attn_l, weight), score_rows(attn_r, weight)])
 
 
 class _ScoredProjection(torch.autograd.Function):
@@ -325,7 +331,7 @@ class _ScoredProjection(torch.autograd.Function):
         if need_x:
             gx = g_feat @ weight if g_feat is not None else x.new_zeros(x.shape)  # (N, F)
             for g, a, rows in terms:
-                (gx if rows is None else gx[:rows]).addmm_(g, (weight.t() @ head_blocks(a)).t())
+                (gx if rows is None else gx[:rows]).addmm_(g, score_rows(a, weight))
         p = None
         if need_w:  # a product over x per term: no (N, H*D + 2H) stack of the gradients is made
             rows, widths = (x.shape[0], x.shape[0], n), (feat.shape[1], H, H)
