@@ -36,6 +36,9 @@ class BlockPlan:
     ``identity``: the tile order is the grid's row order (no roll, and no axis before the last one with
     several tiles has a tile longer than 1: one window over the whole grid, any 1-D tiling, Swin's
     last stage), so both moves return x itself and nothing is copied.
+    ``copies``: one strided copy per combination of boxes, (sizes (*ms, *ws), grid row-stride multipliers,
+    grid row offset, tile row-stride multipliers, tile row offset), precomputed so that a move costs one
+    ``as_strided`` pair and one ``copy_`` per piece (9 pieces for a 2-D shifted grid).
     """
 
     shape: tuple[int, ...]
@@ -43,6 +46,7 @@ class BlockPlan:
     Ts: tuple[int, ...]
     boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
     identity: bool = False
+    copies: tuple[tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, ...], int], ...] = ()
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
@@ -63,18 +67,20 @@ class BlockPlan:
         # (*nts, *Ts) is the grid's (nt_0, T_0, nt_1, T_1, ..) order iff no T_a > 1 precedes an nt_b > 1 (a < b)
         last_split = max([b for b, nt in enumerate(nts) if nt > 1], default=0)
         identity = all(a.rotation == 0 for a in axes) and all(T == 1 for T in Ts[:last_split])
-        return cls(tuple(a.length for a in axes), nts, Ts, tuple(boxes), identity)
+        shape = tuple(a.length for a in axes)
+        return cls(shape, nts, Ts, tuple(boxes), identity, _copies(shape, nts, Ts, tuple(boxes)))
 
     def _pairs(self, grid: Tensor, tiles: Tensor):
-        """(grid piece, tile piece) views of every box combination, the grid piece permuted to tile layout."""
-        n = len(self.shape)
-        to_tiles = [0] + [1 + 2 * i for i in range(n)] + [2 + 2 * i for i in range(n)] + [2 * n + 1]
+        """(grid piece, tile piece) strided views of every box combination, both in tile layout (H, *ms, *ws, C).
+
+        ``grid`` (H, N, C) and ``tiles`` (H, T * Qt, C) may have any strides: splitting the row axis is a view
+        of any tensor, so each piece is one ``as_strided`` of the row stride times the precomputed multipliers."""
+        (gH, gN, gC), (tH, tN, tC) = grid.stride(), tiles.stride()
+        g0, t0 = grid.storage_offset(), tiles.storage_offset()
         H, C = grid.shape[0], grid.shape[-1]
-        for combo in itertools.product(*self.boxes):
-            dst = tiles[(slice(None),) + tuple(slice(b[0], b[1]) for b in combo) + tuple(slice(b[2], b[3]) for b in combo)]
-            sizes = [(b[1] - b[0], b[3] - b[2]) for b in combo]
-            src = grid[(slice(None),) + tuple(slice(b[4], b[4] + m * w) for b, (m, w) in zip(combo, sizes))]
-            yield src.view(H, *[s for pair in sizes for s in pair], C).permute(to_tiles), dst
+        for size, g_rows, g_off, t_rows, t_off in self.copies:
+            yield (grid.as_strided((H, *size, C), (gH, *[m * gN for m in g_rows], gC), g0 + g_off * gN),
+                   tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
 
     def to_blocks(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order).
@@ -88,18 +94,33 @@ class BlockPlan:
         return x if self.identity else _FromBlocks.apply(x, self)
 
 
+def _copies(shape: tuple[int, ...], nts: tuple[int, ...], Ts: tuple[int, ...],
+            boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]):
+    """:attr:`BlockPlan.copies` from the boxes: box (t0, t1, j0, j1, p0) on axis a covers tiles [t0, t1) x slots
+    [j0, j1), slot (t, j) reading grid position p0 + (t - t0) * (j1 - j0) + (j - j0) (row-major runs)."""
+    n = len(shape)
+    grid_step = [math.prod(shape[a + 1:]) for a in range(n)]  # rows per step along axis a of the grid
+    tile_step = [math.prod(nts[a + 1:]) * math.prod(Ts) for a in range(n)] + [math.prod(Ts[a + 1:]) for a in range(n)]
+    out = []
+    for combo in itertools.product(*boxes):
+        ms, ws = [b[1] - b[0] for b in combo], [b[3] - b[2] for b in combo]
+        g_rows = [w * g for w, g in zip(ws, grid_step)] + grid_step
+        g_off = sum(b[4] * g for b, g in zip(combo, grid_step))
+        t_off = sum(b[0] * tile_step[a] + b[2] * tile_step[n + a] for a, b in enumerate(combo))
+        out.append((tuple(ms + ws), tuple(g_rows), g_off, tuple(tile_step), t_off))
+    return tuple(out)
+
+
 def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
-    H, C = x.shape[0], x.shape[-1]
-    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ts), C)  # returned as is: not a view
-    for src, dst in plan._pairs(x.view(H, *plan.shape, C), out.view(H, *plan.nts, *plan.Ts, C)):
+    out = x.new_empty(x.shape[0], math.prod(plan.nts) * math.prod(plan.Ts), x.shape[-1])  # returned as is: not a view
+    for src, dst in plan._pairs(x, out):
         dst.copy_(src)
     return out
 
 
 def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
-    H, C = x.shape[0], x.shape[-1]
-    out = x.new_empty(H, math.prod(plan.shape), C)
-    for src, dst in plan._pairs(out.view(H, *plan.shape, C), x.reshape(H, *plan.nts, *plan.Ts, C)):
+    out = x.new_empty(x.shape[0], math.prod(plan.shape), x.shape[-1])
+    for src, dst in plan._pairs(out, x):
         src.copy_(dst)
     return out
 
