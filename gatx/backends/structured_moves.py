@@ -46,7 +46,7 @@ class BlockPlan:
     Ts: tuple[int, ...]
     boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
     identity: bool = False
-    copies: tuple[tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, ...], int], ...] = ()
+    copies: tuple[Piece, ...] = ()
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
@@ -68,19 +68,8 @@ class BlockPlan:
         last_split = max([b for b, nt in enumerate(nts) if nt > 1], default=0)
         identity = all(a.rotation == 0 for a in axes) and all(T == 1 for T in Ts[:last_split])
         shape = tuple(a.length for a in axes)
-        return cls(shape, nts, Ts, tuple(boxes), identity, _copies(shape, nts, Ts, tuple(boxes)))
-
-    def _pairs(self, grid: Tensor, tiles: Tensor):
-        """(grid piece, tile piece) strided views of every box combination, both in tile layout (H, *ms, *ws, C).
-
-        ``grid`` (H, N, C) and ``tiles`` (H, T * Qt, C) may have any strides: splitting the row axis is a view
-        of any tensor, so each piece is one ``as_strided`` of the row stride times the precomputed multipliers."""
-        (gH, gN, gC), (tH, tN, tC) = grid.stride(), tiles.stride()
-        g0, t0 = grid.storage_offset(), tiles.storage_offset()
-        H, C = grid.shape[0], grid.shape[-1]
-        for size, g_rows, g_off, t_rows, t_off in self.copies:
-            yield (grid.as_strided((H, *size, C), (gH, *[m * gN for m in g_rows], gC), g0 + g_off * gN),
-                   tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
+        pieces = _piece_plan(shape, nts, Ts, [[b + (b[3] - b[2],) for b in axis] for axis in boxes])
+        return cls(shape, nts, Ts, tuple(boxes), identity, pieces)
 
     def to_blocks(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order).
@@ -94,33 +83,51 @@ class BlockPlan:
         return x if self.identity else _FromBlocks.apply(x, self)
 
 
-def _copies(shape: tuple[int, ...], nts: tuple[int, ...], Ts: tuple[int, ...],
-            boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]):
-    """:attr:`BlockPlan.copies` from the boxes: box (t0, t1, j0, j1, p0) on axis a covers tiles [t0, t1) x slots
-    [j0, j1), slot (t, j) reading grid position p0 + (t - t0) * (j1 - j0) + (j - j0) (row-major runs)."""
+# A strided piece: (sizes (*ms, *ws) of a box of tiles x slots, grid row-stride multipliers, grid row offset,
+# tile row-stride multipliers, tile row offset); in rows, so that it applies to any (H, rows, C) strides.
+Piece = tuple[tuple[int, ...], tuple[int, ...], int, tuple[int, ...], int]
+
+
+def _piece_plan(shape: tuple[int, ...], nts: tuple[int, ...], Ts: tuple[int, ...],
+                boxes: list[list[tuple[int, int, int, int, int, int]]]) -> tuple[Piece, ...]:
+    """One :data:`Piece` per combination of per-axis boxes (t0, t1, j0, j1, p0, step): tiles [t0, t1) x slots
+    [j0, j1) of axis a, slot (t, j) at grid position ``p0 + (t - t0) * step + (j - j0)``; the tiles are
+    (*nts, *Ts) row-major."""
     n = len(shape)
     grid_step = [math.prod(shape[a + 1:]) for a in range(n)]  # rows per step along axis a of the grid
-    tile_step = [math.prod(nts[a + 1:]) * math.prod(Ts) for a in range(n)] + [math.prod(Ts[a + 1:]) for a in range(n)]
+    tile_step = tuple([math.prod(nts[a + 1:]) * math.prod(Ts) for a in range(n)] + [math.prod(Ts[a + 1:]) for a in range(n)])
     out = []
     for combo in itertools.product(*boxes):
-        ms, ws = [b[1] - b[0] for b in combo], [b[3] - b[2] for b in combo]
-        g_rows = [w * g for w, g in zip(ws, grid_step)] + grid_step
+        size = tuple([b[1] - b[0] for b in combo] + [b[3] - b[2] for b in combo])
+        g_rows = tuple([b[5] * g for b, g in zip(combo, grid_step)] + grid_step)
         g_off = sum(b[4] * g for b, g in zip(combo, grid_step))
         t_off = sum(b[0] * tile_step[a] + b[2] * tile_step[n + a] for a, b in enumerate(combo))
-        out.append((tuple(ms + ws), tuple(g_rows), g_off, tuple(tile_step), t_off))
+        out.append((size, g_rows, g_off, tile_step, t_off))
     return tuple(out)
+
+
+def _pieces(grid: Tensor, tiles: Tensor, pieces: tuple[Piece, ...]):
+    """(grid piece, tile piece) strided views, both (H, *ms, *ws, C), of ``grid`` (H, N, C) and ``tiles``
+    (H, T * S, C) of any strides: splitting the row axis is a view of any tensor, so each piece is one
+    ``as_strided`` (the precomputed multipliers times the row stride; no slicing per call)."""
+    (gH, gN, gC), (tH, tN, tC) = grid.stride(), tiles.stride()
+    g0, t0 = grid.storage_offset(), tiles.storage_offset()
+    H, C = grid.shape[0], grid.shape[-1]
+    for size, g_rows, g_off, t_rows, t_off in pieces:
+        yield (grid.as_strided((H, *size, C), (gH, *[m * gN for m in g_rows], gC), g0 + g_off * gN),
+               tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
 
 
 def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
     out = x.new_empty(x.shape[0], math.prod(plan.nts) * math.prod(plan.Ts), x.shape[-1])  # returned as is: not a view
-    for src, dst in plan._pairs(x, out):
+    for src, dst in _pieces(x, out, plan.copies):
         dst.copy_(src)
     return out
 
 
 def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
     out = x.new_empty(x.shape[0], math.prod(plan.shape), x.shape[-1])
-    for src, dst in plan._pairs(out, x):
+    for src, dst in _pieces(out, x, plan.copies):
         src.copy_(dst)
     return out
 
@@ -161,12 +168,15 @@ class HaloPlan:
     (t0, t1, lo, stride), tiles [t0, t1) whose halos start at ``lo + (t - t0) * stride`` (the interior
     tiles form one run, the clamped border tiles their own). :meth:`gather` copies the windows, run by
     run; its adjoint adds them back (chunks of at most ``stride`` slots, so one add never overlaps).
+    ``windows`` and ``chunks``: those copies and adds as precomputed strided pieces (see :class:`BlockPlan`).
     """
 
     shape: tuple[int, ...]
     nts: tuple[int, ...]
     Ks: tuple[int, ...]
     runs: tuple[tuple[tuple[int, int, int, int], ...], ...]
+    windows: tuple[Piece, ...] = ()
+    chunks: tuple[Piece, ...] = ()
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "HaloPlan | None":
@@ -186,21 +196,11 @@ class HaloPlan:
                 out.append((t0, t1, lo[t0], step if t1 - t0 > 1 else K))
                 t0 = t1
             runs.append(tuple(out))
-        return cls(tuple(a.length for a in axes), tuple(a.halo.shape[0] for a in axes),
-                   tuple(a.halo.shape[1] for a in axes), tuple(runs))
-
-    def _windows(self, grid: Tensor, chunked: bool):
-        """(run box of the (H, *nts, *Ks, C) halo tensor, strided window view of ``grid``) pairs."""
-        n, st = len(self.shape), grid.stride()
-        for combo in itertools.product(*self.runs):
-            chunks = [[(c, min(c + r[3], K)) for c in range(0, K, r[3])] if chunked else [(0, K)]
-                      for r, K in zip(combo, self.Ks)]
-            for cs in itertools.product(*chunks):
-                size = [grid.shape[0]] + [r[1] - r[0] for r in combo] + [c1 - c0 for c0, c1 in cs] + [grid.shape[-1]]
-                stride = [st[0]] + [r[3] * st[1 + i] for i, r in enumerate(combo)] + [st[1 + i] for i in range(n)] + [st[-1]]
-                offset = grid.storage_offset() + sum((r[2] + c0) * st[1 + i] for i, (r, (c0, _)) in enumerate(zip(combo, cs)))
-                box = (slice(None),) + tuple(slice(r[0], r[1]) for r in combo) + tuple(slice(c0, c1) for c0, c1 in cs)
-                yield box, grid.as_strided(size, stride, offset)
+        shape, nts, Ks = tuple(a.length for a in axes), tuple(a.halo.shape[0] for a in axes), tuple(a.halo.shape[1] for a in axes)
+        whole = [[(t0, t1, 0, K, lo, step) for t0, t1, lo, step in axis] for axis, K in zip(runs, Ks)]
+        chunks = [[(t0, t1, c, min(c + step, K), lo + c, step) for t0, t1, lo, step in axis for c in range(0, K, step)]
+                  for axis, K in zip(runs, Ks)]  # at most `step` slots: the windows of one add never overlap
+        return cls(shape, nts, Ks, tuple(runs), _piece_plan(shape, nts, Ks, whole), _piece_plan(shape, nts, Ks, chunks))
 
     def gather(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""
@@ -208,20 +208,16 @@ class HaloPlan:
 
 
 def _halo_gather(plan: HaloPlan, x: Tensor) -> Tensor:
-    H, C = x.shape[0], x.shape[-1]
-    out = x.new_empty(H, math.prod(plan.nts) * math.prod(plan.Ks), C)
-    tiles = out.view(H, *plan.nts, *plan.Ks, C)
-    for box, window in plan._windows(x.contiguous().view(H, *plan.shape, C), chunked=False):
-        tiles[box].copy_(window)
+    out = x.new_empty(x.shape[0], math.prod(plan.nts) * math.prod(plan.Ks), x.shape[-1])
+    for window, tile in _pieces(x, out, plan.windows):
+        tile.copy_(window)
     return out
 
 
 def _halo_scatter(plan: HaloPlan, y: Tensor) -> Tensor:
-    H, C = y.shape[0], y.shape[-1]
-    out = y.new_zeros(H, math.prod(plan.shape), C)
-    tiles = y.reshape(H, *plan.nts, *plan.Ks, C)
-    for box, window in plan._windows(out.view(H, *plan.shape, C), chunked=True):
-        window.add_(tiles[box])
+    out = y.new_zeros(y.shape[0], math.prod(plan.shape), y.shape[-1])
+    for window, tile in _pieces(out, y, plan.chunks):
+        window.add_(tile)
     return out
 
 
