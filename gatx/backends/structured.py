@@ -342,17 +342,27 @@ def _tiled(
         Ht = bias.table.shape[1]
         dense_bias = bias.table.t().index_select(1, rows).view(Ht, 1, Qt, Kt)  # (Ht, 1, Qt, Kt)
         mask = None if tl.full else tl.mask.to(Q.dtype)[None]  # (1, T, Qt, Kt)
+    elif isinstance(bias, TableBias) and plain and bias.dense_rows(tl) is not None:
+        # tiles read different rows (neighborhoods): the few distinct tiles' bias gathered from the table and a
+        # -inf row, copied to the tiles and shared by the repeats (no per-edge (E, repeat * Ht) values, no fill
+        # and scatter); autograd's index_add_ sums the gradient back both ways
+        patterns, tile_pattern = bias.dense_rows(tl)  # (C, Qt * Kt), (T,)
+        table_t = bias.table.t().to(Q.dtype)  # (Ht, R)
+        ext = torch.cat([table_t, table_t.new_full((table_t.shape[0], 1), float("-inf"))], 1)  # (Ht, R + 1)
+        per_pattern = ext.index_select(1, patterns.view(-1)).view(-1, patterns.shape[0], Qt * Kt)  # (Ht, C, Qt*Kt)
+        dense_bias = per_pattern.index_select(1, tile_pattern).view(-1, T, Qt, Kt)  # (Ht, T, Qt, Kt)
     elif bias is not None:
         bias = bias.per_edge() if isinstance(bias, TableBias) else bias  # (E, H) or (E, 1)
         dense_bias, fresh = _edges_to_dense(bias.to(Q.dtype), tl, float("-inf"))
         dense_bias = dense_bias.reshape(-1, T, Qt, Kt)  # (1 or H, T, Qt, Kt)
     add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
-    if plain and rows is None and (dense_bias is None or not dense_bias.requires_grad):
+    if plain and rows is None and (dense_bias is None or not dense_bias.requires_grad) and add.shape[0] in (1, H):
         # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
         o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), add, scale)
         o = o.reshape(H * T, Qt, Dv)
     elif plain:  # bias with gradient, or one tile's bias (the flash kernel takes 2x as long to broadcast it
-        # over 5-d views as this takes; 56x56 windows, B=2, 2 threads: 8.0 against 3.7 ms): the dense core
+        # over 5-d views as this takes; 56x56 windows, B=2, 2 threads: 8.0 against 3.7 ms), or a bias shared
+        # by the repeats of a table's heads: the dense core
         o = _DenseAttention.apply(Q, K, V, add, mask, scale, T)  # (H*T, Qt, Dv)
     else:
         Q = Q * scale

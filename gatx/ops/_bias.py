@@ -85,6 +85,12 @@ class TableBias:
         """(Qt * Kt,) table rows of the dense slots of ``tiling`` when every tile reads the same rows, else None."""
         return None
 
+    def dense_rows(self, tiling: Any) -> tuple[Tensor, Tensor] | None:
+        """The distinct row patterns of the tiles of ``tiling`` (C, Qt * Kt), the table row at every slot and
+        ``R`` (one past the table: a -inf row) where the slot is masked, and each tile's pattern (T,), when
+        precomputed (grid graphs whose tiles read different rows: neighborhoods); else None."""
+        return None
+
     def _rows(self, table_t: Tensor) -> Tensor:
         """(Ht, E) rows of the transposed table (a subclass may gather faster)."""
         return table_t.index_select(1, self.index)

@@ -57,6 +57,11 @@ class GridStructure:
     (for 2-D: ``(dy + k - 1) * (2k - 1) + (dx + k - 1)``; Video Swin's 3-D index likewise).
     ``tile_rows`` (Qt * Kt,) is the table row of every dense slot of the tiling when all tiles read
     the same rows at their allowed slots (windows, shifted or not, that divide the sides), else None.
+    ``dense_rows`` otherwise (neighborhoods): the tiles' distinct row patterns ``(C, Qt * Kt)``, the table
+    row of every slot, ``table_size`` (one row past the table: a -inf row) where the slot is masked,
+    and each tile's pattern (T,). Neighborhood tiles away from the borders read the same rows, so C is
+    small (9 for 2-D k=7 on 56x56 against T=64): the structured backend gathers C tiles' bias from the
+    table and copies it to the T tiles, and sums the gradient back the same two ways.
     """
 
     kind: str
@@ -70,6 +75,7 @@ class GridStructure:
     tiling: Tiling
     rel_pos_gather: RowGather
     tile_rows: Tensor | None
+    dense_rows: tuple[Tensor, Tensor] | None = None
 
     @property
     def ndim(self) -> int:
@@ -121,6 +127,9 @@ class _GridBias(TableBias):
 
     def tile_rows(self, tiling: Any) -> Tensor | None:
         return self._structure.tile_rows if tiling is self._structure.tiling else None
+
+    def dense_rows(self, tiling: Any) -> tuple[Tensor, Tensor] | None:
+        return self._structure.dense_rows if tiling is self._structure.tiling else None
 
     def _rows(self, table_t: Tensor) -> Tensor:
         return self._structure.rel_pos_gather(table_t)  # (H, E)
@@ -371,9 +380,14 @@ def _build(kind: str, shape: tuple, size: tuple, dilation: tuple, shift: tuple, 
         rel = rel * (2 * size[a] - 1) + offsets[:, a] + size[a] - 1  # (E,)
     dev = torch.device(device)
     gather = RowGather.build(rel, math.prod(2 * s - 1 for s in size)).to(dev)
-    rows = _tile_rows(rel, tiling)
+    rows, R = _tile_rows(rel, tiling), math.prod(2 * s - 1 for s in size)
+    dense = None
+    if rows is None:  # each tile's row pattern, -inf row R where masked; the distinct patterns and each tile's
+        per_tile = torch.cat([rel, rel.new_full((1,), R)])[tiling.pos_edge].view(tiling.mask.shape[0], -1)
+        patterns, tile_pattern = torch.unique(per_tile, dim=0, return_inverse=True)  # (C, Qt * Kt), (T,)
+        dense = (patterns.to(dev), tile_pattern.to(dev))
     structure = GridStructure(kind, shape, size, dilation, shift, causal, offsets.to(dev), rel.to(dev), tiling.to(dev),
-                              gather, None if rows is None else rows.to(dev))
+                              gather, None if rows is None else rows.to(dev), dense)
     N = math.prod(shape)
     return Graph(src.to(dev), dst.to(dev), N, N, structure=structure)
 
