@@ -251,6 +251,10 @@ def sparse_attention(
     table = bias if isinstance(bias, TableBias) else None
     if torch.compiler.is_compiling():  # no data-dependent branch in a traced graph: torch.cond picks when it runs
         inputs = dict(q=q, k=k, v=v, bias=table.table if table is not None else bias, edge_weight=edge_weight)
+        from torch.fx.experimental.symbolic_shapes import guard_scalar
+
+        # Dynamo makes a float attribute symbolic once a frame recompiles (dynamic shapes): torch.cond takes no floats
+        scale, dropout_p = guard_scalar(scale), guard_scalar(dropout_p)
         return _finite_or_per_edge(checked, res, inputs, lambda t: _per_edge(
             graph, t["q"], t["k"], t["v"], scale=scale, edge_weight=t["edge_weight"], dropout_p=dropout_p,
             return_attention=return_attention, bias=table.per_edge(t["bias"]) if table is not None else t["bias"]))
@@ -270,7 +274,9 @@ class _ContiguousGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+        # contiguous() keeps any stride of a size-1 axis (one head: (N, 1, D) with the head-major N * D), whose
+        # order torch.cond compares too: view it flat and back for the row-major strides
+        return grad.contiguous().view(-1).view(grad.shape)
 
 
 def _finite_or_per_edge(checked: list[Tensor], res: Any, inputs: dict[str, Tensor | None], per_edge: Any) -> Any:

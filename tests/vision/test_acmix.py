@@ -203,12 +203,13 @@ def test_bad_configuration():
 
 
 def test_non_contiguous_input():
-    """A permuted (channels-last strided) input gives the same result as a contiguous one."""
+    """A permuted (channels-last strided) input gives the same result as a contiguous one, to rounding:
+    torch's own convolutions pick a layout-specific kernel on some CPUs (4.4e-16 apart in float64 on an
+    AVX-512 EPYC, for a bare 1x1 Conv2d too), so the two may differ in the last bit."""
     from gatx.vision import ACmix
 
     torch.manual_seed(0)
     m = ACmix(16, 16, kernel_att=5, head=2).double()
     x = torch.randn(2, 9, 7, 16, dtype=torch.float64).permute(0, 3, 1, 2)  # (B, C, Y, X), strided
     assert not x.is_contiguous()
-    diff = (m(x) - m(x.contiguous())).abs().max()
-    assert diff == 0, f"max diff {diff:.3e}"
+    torch.testing.assert_close(m(x), m(x.contiguous()), rtol=1e-13, atol=1e-13)

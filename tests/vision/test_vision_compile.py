@@ -25,7 +25,10 @@ CASES = {
     "na2d_dilated": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, dilation=2), (2, 6, 7, 8), {}, "aot_eager"),
     "na2d": (lambda: gv.NeighborhoodAttention2d(8, 2, 3), (2, 6, 7, 8), {}, "aot_eager"),
     "na3d": (lambda: gv.NeighborhoodAttention3d(8, 2, (2, 3, 3)), (1, 3, 4, 5, 8), {}, "aot_eager"),
+    # several tiles: query blocks and key halos moved (index tables while tracing, strided copies eagerly)
+    "na2d_tiles": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=True), (2, 12, 12, 8), {}, "aot_eager"),
     "window_shifted": (lambda: gv.WindowAttention(8, 4, 2, shift_size=2, num_ttokens=3), (2, 8, 6, 8), {}, "aot_eager"),
+    "window_shifted_blocks": (lambda: gv.WindowAttention(8, 4, 2, shift_size=2), (2, 8, 8, 8), {}, "aot_eager"),
     "window_temporal": (lambda: gv.WindowAttention(8, 4, 2, num_ttokens=3), (5, 3, 8), {"temporal": True}, "aot_eager"),
     "window3d_shifted": (lambda: gv.WindowAttention3d(8, 2, 2, shift_size=1), (1, 4, 4, 3, 8), {}, "aot_eager"),
     "outlook": (lambda: gv.OutlookAttention(8, 2, 3, 1, 2), (2, 5, 6, 8), {}, "inductor"),
@@ -89,6 +92,20 @@ def test_new_shapes_recompile_with_their_own_graphs():
         for g, gw in zip(grads, want_grads):
             _assert_close(f"{shape} grad", g, gw)
     assert counter.frame_count == 3, f"expected one compile per shape, got {counter.frame_count}"
+
+
+def test_modules_with_other_scales_compile_after_one_another():
+    """Modules of one class share their forward's code: compiling a second one with another head size
+    recompiles that code with dynamic shapes, where Dynamo makes the float ``scale`` symbolic; the
+    structured backend's torch.cond takes no float operand, so the scale is specialised first. The
+    one-head module checks that both branches' gradients have the same strides (a size-1 head axis
+    kept a head-major stride through contiguous())."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    for module, shape in [(gv.NeighborhoodAttention2d(8, 2, 3), (2, 6, 7, 8)),
+                          (gv.NeighborhoodAttention1d(32, 2, 7), (2, 20, 32)),
+                          (gv.NeighborhoodAttention2d(12, 1, 3), (1, 5, 9, 12))]:
+        _compiled_matches_eager(module, shape, {}, "aot_eager")
 
 
 def test_non_finite_input_takes_the_per_edge_path_when_compiled():

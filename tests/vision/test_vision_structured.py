@@ -249,3 +249,31 @@ def test_identity_flag_matches_the_copies(axes):
         return
     x = torch.randn(2, torch.Size(shape).numel(), 3, dtype=torch.float64)
     assert plan.identity == torch.equal(moves._ToBlocks.apply(x, plan), x), (shape, window, shift)
+
+
+@pytest.mark.parametrize("case", ["window_shift", "window_3d", "na_2d", "na_2d_rect", "na_3d"])
+def test_index_tables_equal_the_strided_moves(case):
+    """While torch.compile traces, the moves are index_selects of the plans' row tables: the same rows as
+    the strided copies (to_blocks, from_blocks, the halo gather), and index_add of the halo rows is the
+    halo scatter."""
+    from gatx.backends import structured_moves as moves
+
+    graph = {"window_shift": lambda: window_graph((14, 21), 7, 3), "window_3d": lambda: window_graph((4, 6, 6), (2, 3, 3), (1, 1, 1)),
+             "na_2d": lambda: neighborhood_graph((20, 20), 7), "na_2d_rect": lambda: neighborhood_graph((12, 17), (3, 5)),
+             "na_3d": lambda: neighborhood_graph((6, 9, 10), (3, 3, 5))}[case]()
+    tiling = graph.structure.tiling
+    assert tiling.blocks is not None or tiling.halo is not None, case
+    N = graph.num_dst
+    x = torch.randn(2, N, 3, dtype=torch.float64)
+    if tiling.blocks is not None and not tiling.blocks.identity:
+        plan = tiling.blocks
+        tiles = moves._ToBlocks.apply(x, plan)
+        assert torch.equal(x.index_select(1, plan.rows), tiles)
+        assert torch.equal(tiles.index_select(1, plan.slots), moves._FromBlocks.apply(tiles, plan))
+    if tiling.halo is not None:
+        plan = tiling.halo
+        halo = moves._HaloGather.apply(x, plan)
+        assert torch.equal(x.index_select(1, plan.rows), halo)
+        y = torch.randn(halo.shape, dtype=torch.float64)
+        want = moves._HaloScatter.apply(y, plan)
+        assert torch.allclose(torch.zeros_like(x).index_add_(1, plan.rows, y), want, rtol=0, atol=1e-12)
