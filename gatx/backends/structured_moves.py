@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -79,9 +79,15 @@ class BlockPlan:
         rows = slots = None
         if not identity:
             N = math.prod(shape)
-            rows = _row_table(math.prod(nts) * math.prod(Ts), N, pieces)
-            slots = torch.empty_like(rows).index_copy_(0, rows, torch.arange(N))
+            rows = _row_table(math.prod(nts) * math.prod(Ts), N, pieces, axes[0].queries.device)
+            slots = torch.empty_like(rows).index_copy_(0, rows, torch.arange(N, device=rows.device))
         return cls(shape, nts, Ts, tuple(boxes), identity, pieces, rows, slots)
+
+    def to(self, device: torch.device) -> "BlockPlan":
+        """The plan with its row tables on ``device``."""
+        if self.rows is None or self.rows.device == device:
+            return self
+        return replace(self, rows=self.rows.to(device), slots=self.slots.to(device))
 
     def to_blocks(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order).
@@ -134,10 +140,11 @@ def _pieces(grid: Tensor, tiles: Tensor, pieces: tuple[Piece, ...]):
                tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
 
 
-def _row_table(slots: int, N: int, pieces: tuple[Piece, ...]) -> Tensor:
-    """(slots,) int64: the grid row each tile slot receives from the copies ``pieces`` (moved eagerly once)."""
-    out = torch.empty(1, slots, 1, dtype=torch.int64)
-    for src, dst in _pieces(torch.arange(N).view(1, N, 1), out, pieces):
+def _row_table(slots: int, N: int, pieces: tuple[Piece, ...], device: torch.device) -> Tensor:
+    """(slots,) int64 on ``device``: the grid row each tile slot receives from the copies ``pieces`` (moved
+    eagerly once)."""
+    out = torch.empty(1, slots, 1, dtype=torch.int64, device=device)
+    for src, dst in _pieces(torch.arange(N, device=device).view(1, N, 1), out, pieces):
         dst.copy_(src)
     return out.view(slots)
 
@@ -227,8 +234,12 @@ class HaloPlan:
         chunks = [[(t0, t1, c, min(c + step, K), lo + c, step) for t0, t1, lo, step in axis for c in range(0, K, step)]
                   for axis, K in zip(runs, Ks)]  # at most `step` slots: the windows of one add never overlap
         windows = _piece_plan(shape, nts, Ks, whole)
-        rows = _row_table(math.prod(nts) * math.prod(Ks), math.prod(shape), windows)
+        rows = _row_table(math.prod(nts) * math.prod(Ks), math.prod(shape), windows, axes[0].halo.device)
         return cls(shape, nts, Ks, tuple(runs), windows, _piece_plan(shape, nts, Ks, chunks), rows)
+
+    def to(self, device: torch.device) -> "HaloPlan":
+        """The plan with its row table on ``device``."""
+        return self if self.rows.device == device else replace(self, rows=self.rows.to(device))
 
     def gather(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""

@@ -277,3 +277,7 @@ def test_index_tables_equal_the_strided_moves(case):
         y = torch.randn(halo.shape, dtype=torch.float64)
         want = moves._HaloScatter.apply(y, plan)
         assert torch.allclose(torch.zeros_like(x).index_add_(1, plan.rows, y), want, rtol=0, atol=1e-12)
+    moved = tiling.to("meta")  # a graph moved to a GPU takes its plans' tables along
+    for plan in (moved.blocks, moved.halo):
+        tables = [] if plan is None else [plan.rows] + [getattr(plan, "slots", None)]
+        assert all(t.device.type == "meta" for t in tables if t is not None), case
