@@ -364,7 +364,11 @@ def _tiled(
     add = tl.mask.to(Q.dtype)[None] if dense_bias is None else dense_bias  # (A, T or 1, Qt, Kt)
     if plain and rows is None and (dense_bias is None or not dense_bias.requires_grad) and add.shape[0] in (1, H):
         # no (T, Qt, Kt) tensor is needed: one fused attention call (flash kernel on CPU)
-        o = _FusedSDPA.apply(Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv), add, scale)
+        q4, k4, v4 = Q.view(H, T, Qt, D), K.view(H, T, Kt, D), V.view(H, T, Kt, Dv)
+        if torch.compiler.is_compiling():  # _FusedSDPA's backward calls autograd.grad, which Dynamo does not trace
+            o = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=add, scale=scale)
+        else:
+            o = _FusedSDPA.apply(q4, k4, v4, add, scale)
         o = o.reshape(H * T, Qt, Dv)
     elif plain:  # bias with gradient, or one tile's bias (the flash kernel takes 2x as long to broadcast it
         # over 5-d views as this takes; 56x56 windows, B=2, 2 threads: 8.0 against 3.7 ms), or a bias shared

@@ -27,6 +27,8 @@ CASES = {
     "na3d": (lambda: gv.NeighborhoodAttention3d(8, 2, (2, 3, 3)), (1, 3, 4, 5, 8), {}, "aot_eager"),
     # several tiles: query blocks and key halos moved (index tables while tracing, strided copies eagerly)
     "na2d_tiles": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=True), (2, 12, 12, 8), {}, "aot_eager"),
+    # no bias: one fused SDPA call (eagerly an autograd Function whose backward calls autograd.grad)
+    "na2d_no_rpb": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=False), (2, 12, 12, 8), {}, "aot_eager"),
     "window_shifted": (lambda: gv.WindowAttention(8, 4, 2, shift_size=2, num_ttokens=3), (2, 8, 6, 8), {}, "aot_eager"),
     "window_shifted_blocks": (lambda: gv.WindowAttention(8, 4, 2, shift_size=2), (2, 8, 8, 8), {}, "aot_eager"),
     "window_temporal": (lambda: gv.WindowAttention(8, 4, 2, num_ttokens=3), (5, 3, 8), {"temporal": True}, "aot_eager"),
