@@ -95,14 +95,14 @@ class BlockPlan:
         A new tensor, except for an ``identity`` plan: then ``x`` itself (never write into the result)."""
         if self.identity:
             return x
-        return x.index_select(1, self.rows.to(x.device)) if torch.compiler.is_compiling() else _ToBlocks.apply(x, self)
+        return x.index_select(1, self.rows) if torch.compiler.is_compiling() else _ToBlocks.apply(x, self)
 
     def from_blocks(self, x: Tensor) -> Tensor:
         """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks` (``x`` itself
         for an ``identity`` plan)."""
         if self.identity:
             return x
-        return x.index_select(1, self.slots.to(x.device)) if torch.compiler.is_compiling() else _FromBlocks.apply(x, self)
+        return x.index_select(1, self.slots) if torch.compiler.is_compiling() else _FromBlocks.apply(x, self)
 
 
 # A strided piece: (sizes (*ms, *ws) of a box of tiles x slots, grid row-stride multipliers, grid row offset,
@@ -133,8 +133,8 @@ def _pieces(grid: Tensor, tiles: Tensor, pieces: tuple[Piece, ...]):
     (H, T * S, C) of any strides: splitting the row axis is a view of any tensor, so each piece is one
     ``as_strided`` (the precomputed multipliers times the row stride; no slicing per call)."""
     (gH, gN, gC), (tH, tN, tC) = grid.stride(), tiles.stride()
-    H, C = grid.shape[0], grid.shape[-1]
     g0, t0 = grid.storage_offset(), tiles.storage_offset()
+    H, C = grid.shape[0], grid.shape[-1]
     for size, g_rows, g_off, t_rows, t_off in pieces:
         yield (grid.as_strided((H, *size, C), (gH, *[m * gN for m in g_rows], gC), g0 + g_off * gN),
                tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
@@ -243,7 +243,7 @@ class HaloPlan:
 
     def gather(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""
-        return x.index_select(1, self.rows.to(x.device)) if torch.compiler.is_compiling() else _HaloGather.apply(x, self)
+        return x.index_select(1, self.rows) if torch.compiler.is_compiling() else _HaloGather.apply(x, self)
 
 
 def _halo_gather(plan: HaloPlan, x: Tensor) -> Tensor:
