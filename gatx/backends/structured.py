@@ -41,6 +41,7 @@ from torch import Tensor
 
 from ..graph import Graph
 from ..ops._bias import TableBias
+from .structured_moves import BlockPlan
 from .structured_tiling import AxisTiling, RowGather, Tiling, axis_tiling, grid_tiling
 
 NAME = "structured"
@@ -202,6 +203,15 @@ def _by_add(s: Tensor, add: Tensor, T: int) -> Tensor:
     return s.view(-1, add.shape[0], T, *s.shape[1:])
 
 
+def _block_plan(tiling: Tiling) -> BlockPlan | None:
+    """The tiling's strided block moves where they can run: eagerly, or an identity plan (no move) while
+    torch.compile traces. Their copies go through ``as_strided`` at storage offsets, which Dynamo can
+    neither read nor functionalize, so a traced call moves rows with the tiling's row gathers instead
+    (``query_nodes``, ``key_nodes``, ``owner``), as for tiles that are not blocks."""
+    plan = tiling.blocks
+    return plan if plan is not None and (plan.identity or not torch.compiler.is_compiling()) else None
+
+
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
     """(E, C) or (E,) per-edge values -> (C, T*Qt*Kt) in the dense score layout, and whether it is a new tensor.
 
@@ -214,7 +224,8 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
     T, Qt, Kt = tiling.mask.shape
     if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (strided copies when tiles are blocks)
         rows = vals.contiguous().view(vals.shape[0], -1, Kt)
-        dense = tiling.blocks.to_blocks(rows) if tiling.blocks is not None else tiling.query_nodes(rows)
+        blocks = _block_plan(tiling)
+        dense = blocks.to_blocks(rows) if blocks is not None else tiling.query_nodes(rows)
         return dense.view(vals.shape[0], -1), dense is not rows  # an identity plan moves nothing (vals' memory)
     return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full,
                                tiling.blocks is not None), True
@@ -328,12 +339,12 @@ def _tiled(
     H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
     T, Qt, Kt = tl.mask.shape
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
-    blocks = tl.blocks
+    blocks = _block_plan(tl)
     if blocks is not None:  # tiles are blocks of the (rolled) grid: strided copies, no gather
         Q = blocks.to_blocks(q).view(H * T, Qt, D)
     else:
         Q = tl.query_nodes(q).view(H * T, Qt, D)
-    if tl.keys_are_queries:
+    if tl.keys_are_queries and blocks is not None:
         K, V = blocks.to_blocks(k).view(H * T, Kt, D), blocks.to_blocks(v).view(H * T, Kt, Dv)
     elif tl.halo is not None and not torch.compiler.is_compiling():  # each halo is a range per axis: strided
         # windows of the grid, no gather (as_strided at storage offsets: not traced; compiled, key_nodes gathers)

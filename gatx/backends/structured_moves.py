@@ -5,15 +5,13 @@ windows) are filled by a few strided copies, and emptied back by the inverse cop
 :class:`HaloPlan`: key halos that are ranges per axis (neighborhoods) are strided windows of the
 grid; the adjoint adds them back. Each move is a pair of autograd Functions that are each other's
 backward, so gradients of any order are exact. Plans are built once per graph (see
-:func:`gatx.backends.structured_tiling.grid_tiling`) and hold Python ints, plus the same moves as row
-index tables for ``torch.compile`` (which can neither read a storage offset nor functionalize a copy
-into an ``as_strided`` view): while tracing, a move is one ``index_select``.
+:func:`gatx.backends.structured_tiling.grid_tiling`) and hold only Python ints.
 """
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -41,9 +39,6 @@ class BlockPlan:
     ``copies``: one strided copy per combination of boxes, (sizes (*ms, *ws), grid row-stride multipliers,
     grid row offset, tile row-stride multipliers, tile row offset), precomputed so that a move costs one
     ``as_strided`` pair and one ``copy_`` per piece (9 pieces for a 2-D shifted grid).
-    ``rows`` (T * Qt,) and ``slots`` (N,): the grid row of each tile slot and its inverse, the same moves as
-    index tables for ``torch.compile``, which can neither read a storage offset nor functionalize a copy into
-    an ``as_strided`` view (None for an ``identity`` plan).
     """
 
     shape: tuple[int, ...]
@@ -52,8 +47,6 @@ class BlockPlan:
     boxes: tuple[tuple[tuple[int, int, int, int, int], ...], ...]
     identity: bool = False
     copies: tuple[Piece, ...] = ()
-    rows: Tensor | None = None
-    slots: Tensor | None = None
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "BlockPlan":
@@ -76,33 +69,18 @@ class BlockPlan:
         identity = all(a.rotation == 0 for a in axes) and all(T == 1 for T in Ts[:last_split])
         shape = tuple(a.length for a in axes)
         pieces = _piece_plan(shape, nts, Ts, [[b + (b[3] - b[2],) for b in axis] for axis in boxes])
-        rows = slots = None
-        if not identity:
-            N = math.prod(shape)
-            rows = _row_table(math.prod(nts) * math.prod(Ts), N, pieces, axes[0].queries.device)
-            slots = torch.empty_like(rows).index_copy_(0, rows, torch.arange(N, device=rows.device))
-        return cls(shape, nts, Ts, tuple(boxes), identity, pieces, rows, slots)
-
-    def to(self, device: torch.device) -> "BlockPlan":
-        """The plan with its row tables on ``device``."""
-        if self.rows is None or self.rows.device == device:
-            return self
-        return replace(self, rows=self.rows.to(device), slots=self.slots.to(device))
+        return cls(shape, nts, Ts, tuple(boxes), identity, pieces)
 
     def to_blocks(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Qt, C) tile slots, row-major over (*nts, *Ts); differentiable (any order).
 
         A new tensor, except for an ``identity`` plan: then ``x`` itself (never write into the result)."""
-        if self.identity:
-            return x
-        return x.index_select(1, self.rows) if torch.compiler.is_compiling() else _ToBlocks.apply(x, self)
+        return x if self.identity else _ToBlocks.apply(x, self)
 
     def from_blocks(self, x: Tensor) -> Tensor:
         """(H, T * Qt, C) tile slots -> (H, N, C) grid rows; the inverse of :meth:`to_blocks` (``x`` itself
         for an ``identity`` plan)."""
-        if self.identity:
-            return x
-        return x.index_select(1, self.slots) if torch.compiler.is_compiling() else _FromBlocks.apply(x, self)
+        return x if self.identity else _FromBlocks.apply(x, self)
 
 
 # A strided piece: (sizes (*ms, *ws) of a box of tiles x slots, grid row-stride multipliers, grid row offset,
@@ -138,15 +116,6 @@ def _pieces(grid: Tensor, tiles: Tensor, pieces: tuple[Piece, ...]):
     for size, g_rows, g_off, t_rows, t_off in pieces:
         yield (grid.as_strided((H, *size, C), (gH, *[m * gN for m in g_rows], gC), g0 + g_off * gN),
                tiles.as_strided((H, *size, C), (tH, *[m * tN for m in t_rows], tC), t0 + t_off * tN))
-
-
-def _row_table(slots: int, N: int, pieces: tuple[Piece, ...], device: torch.device) -> Tensor:
-    """(slots,) int64 on ``device``: the grid row each tile slot receives from the copies ``pieces`` (moved
-    eagerly once)."""
-    out = torch.empty(1, slots, 1, dtype=torch.int64, device=device)
-    for src, dst in _pieces(torch.arange(N, device=device).view(1, N, 1), out, pieces):
-        dst.copy_(src)
-    return out.view(slots)
 
 
 def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
@@ -199,8 +168,7 @@ class HaloPlan:
     (t0, t1, lo, stride), tiles [t0, t1) whose halos start at ``lo + (t - t0) * stride`` (the interior
     tiles form one run, the clamped border tiles their own). :meth:`gather` copies the windows, run by
     run; its adjoint adds them back (chunks of at most ``stride`` slots, so one add never overlaps).
-    ``windows`` and ``chunks``: those copies and adds as precomputed strided pieces (see :class:`BlockPlan`);
-    ``rows`` (T * Kt,): the grid row of each halo slot, the gather as an index table for ``torch.compile``.
+    ``windows`` and ``chunks``: those copies and adds as precomputed strided pieces (see :class:`BlockPlan`).
     """
 
     shape: tuple[int, ...]
@@ -209,7 +177,6 @@ class HaloPlan:
     runs: tuple[tuple[tuple[int, int, int, int], ...], ...]
     windows: tuple[Piece, ...] = ()
     chunks: tuple[Piece, ...] = ()
-    rows: Tensor | None = None
 
     @classmethod
     def build(cls, axes: tuple[AxisTiling, ...]) -> "HaloPlan | None":
@@ -233,17 +200,11 @@ class HaloPlan:
         whole = [[(t0, t1, 0, K, lo, step) for t0, t1, lo, step in axis] for axis, K in zip(runs, Ks)]
         chunks = [[(t0, t1, c, min(c + step, K), lo + c, step) for t0, t1, lo, step in axis for c in range(0, K, step)]
                   for axis, K in zip(runs, Ks)]  # at most `step` slots: the windows of one add never overlap
-        windows = _piece_plan(shape, nts, Ks, whole)
-        rows = _row_table(math.prod(nts) * math.prod(Ks), math.prod(shape), windows, axes[0].halo.device)
-        return cls(shape, nts, Ks, tuple(runs), windows, _piece_plan(shape, nts, Ks, chunks), rows)
-
-    def to(self, device: torch.device) -> "HaloPlan":
-        """The plan with its row table on ``device``."""
-        return self if self.rows.device == device else replace(self, rows=self.rows.to(device))
+        return cls(shape, nts, Ks, tuple(runs), _piece_plan(shape, nts, Ks, whole), _piece_plan(shape, nts, Ks, chunks))
 
     def gather(self, x: Tensor) -> Tensor:
         """(H, N, C) grid rows -> (H, T * Kt, C) halo slots; differentiable (any order)."""
-        return x.index_select(1, self.rows) if torch.compiler.is_compiling() else _HaloGather.apply(x, self)
+        return _HaloGather.apply(x, self)
 
 
 def _halo_gather(plan: HaloPlan, x: Tensor) -> Tensor:

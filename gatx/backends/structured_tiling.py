@@ -209,8 +209,8 @@ class Tiling:
         if device == self.device:
             return self
         moved = [getattr(self, f) for f in self.__dataclass_fields__]
-        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, bool) or m is None
-                 else m.to(device) for m in moved]  # tensors, gathers, and the plans' row tables
+        moved = [tuple(a.to(device) for a in m) if isinstance(m, tuple) else m if isinstance(m, (bool, BlockPlan, HaloPlan)) or m is None
+                 else m.to(device) for m in moved]
         return Tiling(*moved)
 
 
