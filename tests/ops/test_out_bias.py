@@ -77,9 +77,17 @@ def test_float32_specialised_kernel_matches_float64() -> None:
     x32 = [t.detach().float().requires_grad_() for t in x64]
     want = value_and_grads(g, x64, "additive", "torch", False)
     got = value_and_grads(g, x32, "additive", "fused", False)  # the 8 x 8 float32 instantiation
-    for name, a, b in zip(("out", "dq", "dk", "dv", "d out_bias"), got, want):
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
         err = (a.double() - b).abs().max().item() / max(1.0, b.abs().max().item())
         assert err < 1e-5, f"{name} differs from float64 by {err:.2e}"
+    # d out_bias sums the output gradient over 1500 rows, and the loss's sine weights nearly cancel in
+    # that sum (|d out_bias| <= 0.7 while the summands' magnitudes add to ~950), so its float32 error is
+    # measured against the sum of |summands|, the scale a float32 sum's rounding is bounded by; the
+    # error depends on how many threads split the rows
+    out = want[0]
+    summands = torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin().abs().sum(0)
+    err = ((got[4].double() - want[4]).abs() / summands).max().item()
+    assert err < 1e-6, f"d out_bias differs from float64 by {err:.2e} of the summed magnitudes"
 
 
 @needs_fused
