@@ -6,6 +6,7 @@ copy: an in-place change, a tensor that needs a gradient or one with many nonzer
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gatx.nn import _utils
@@ -67,3 +68,43 @@ def test_no_stale_copy_and_dense_inputs_stay_dense() -> None:
     assert all("Sparse" not in project(needs_grad, ps, 1100)[0] for _ in range(2))
     small = bag_of_words(100, 50, 0.02, seed=6)  # below the size where a conversion pays
     assert all("Sparse" not in project(small, params(50), 100)[0] for _ in range(2))
+
+
+def test_small_parameter_products_match_their_matrix_definitions() -> None:
+    # score_rows, _weight_grad and _attn_grads compute block-diagonal matrix products as products and
+    # sums over D (off BLAS: a BLAS call on these sizes starts a parallel region, which waits for a
+    # descheduled thread when other processes share the cores); the matrix forms are their definitions
+    gen = torch.Generator().manual_seed(7)
+    H, D, F, N = 3, 5, 11, 40
+    W = torch.randn(H * D, F, generator=gen, dtype=torch.float64)
+    al, ar = (torch.randn(1, H, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    p = torch.randn(H * D + 2 * H, F, generator=gen, dtype=torch.float64)
+    Bl, Br = _utils.head_blocks(al), _utils.head_blocks(ar)  # (H*D, H), block-diagonal
+    torch.testing.assert_close(_utils.score_rows(al, W), Bl.t() @ W, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(_utils._weight_grad(p, al, ar), p[:H * D] + Bl @ p[H * D:H * D + H] + Br @ p[H * D + H:],
+                               rtol=1e-14, atol=1e-14)
+    feat = torch.randn(N, H * D, generator=gen, dtype=torch.float64)
+    g_el, g_er = torch.randn(N, H, generator=gen, dtype=torch.float64), torch.randn(30, H, generator=gen, dtype=torch.float64)
+    for want, term in zip(_utils._attn_grads(feat, g_el, g_er, 30, True, True), (g_el, g_er)):  # from feat's rows
+        m = term.t() @ feat[:term.shape[0]]  # (H, H*D)
+        torch.testing.assert_close(want[0], torch.stack([m[h, h * D:(h + 1) * D] for h in range(H)]), rtol=1e-14, atol=1e-14)
+    for term, got in enumerate(_utils._attn_grads(feat, g_el, g_er, 30, True, True, p, W)):
+        m = p[H * D + term * H:H * D + (term + 1) * H] @ W.t()  # (H, H*D); the gradient is its diagonal blocks
+        torch.testing.assert_close(got[0], torch.stack([m[h, h * D:(h + 1) * D] for h in range(H)]), rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", [None, "torch"])
+def test_gatconv_step_calls_blas_only_for_node_sized_products(backend) -> None:
+    import gatx
+
+    n = 300
+    gen = torch.Generator().manual_seed(8)
+    g = gatx.Graph(torch.randint(0, n, (3000,), generator=gen), torch.randint(0, n, (3000,), generator=gen), n, n)
+    layer = gatx.GATConv(16, 8, 4, allow_zero_in_degree=True, backend=backend)
+    x = torch.randn(n, 16, generator=gen, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        layer(g, x).sum().backward()
+    products = [(e.name, e.input_shapes) for e in prof.events() if e.name in ("aten::mm", "aten::addmm", "aten::bmm")]
+    assert products, "the projection's products should show in the profile"
+    for name, shapes in products:
+        assert any(n in s for s in shapes if s), f"{name} {shapes}: a product of parameter-sized operands runs on BLAS"
