@@ -239,7 +239,7 @@ def score_rows(attn: Tensor, weight: Tensor) -> Tensor:
     other busy processes that region waits for a descheduled thread: measured 16 ms a product against
     4 us on one thread, six of them 45 ms of a 100k-node GAT layer's fwd+bwd (0.15 ms quiet)."""
     H, D = attn.shape[1], attn.shape[2]
-    return (attn[0].unsqueeze(-1) * weight.view(H, D, -1)).sum(1)
+    return (attn[0].unsqueeze(-1) * weight.reshape(H, D, -1)).sum(1)
 
 
 def _diag_blocks(m: Tensor, heads: int) -> Tensor:
@@ -289,7 +289,7 @@ def _attn_grads(feat: Tensor, g_el: Tensor | None, g_er: Tensor | None, n_dst: i
         H = g.shape[1]
         lo = p.shape[0] - 2 * H + term * H if p is not None else 0
         if p is not None:  # the diagonal blocks of p[lo:lo + H] @ weight.t() alone, on this thread (see score_rows)
-            out.append((p[lo:lo + H].unsqueeze(1) * weight.view(H, -1, weight.shape[1])).sum(-1).unsqueeze(0))
+            out.append((p[lo:lo + H].unsqueeze(1) * weight.reshape(H, -1, weight.shape[1])).sum(-1).unsqueeze(0))
         else:
             out.append(_diag_blocks(g.t() @ feat[:rows], H))  # (H, H*D) -> (1, H, D)
     return out[0], out[1]

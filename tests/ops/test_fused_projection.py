@@ -83,14 +83,18 @@ def test_small_parameter_products_match_their_matrix_definitions() -> None:
     torch.testing.assert_close(_utils.score_rows(al, W), Bl.t() @ W, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(_utils._weight_grad(p, al, ar), p[:H * D] + Bl @ p[H * D:H * D + H] + Br @ p[H * D + H:],
                                rtol=1e-14, atol=1e-14)
+
+    def diagonal_blocks(m: torch.Tensor) -> torch.Tensor:  # (H, H*D) -> (H, D): row h's block h
+        return torch.stack([m[h, h * D:(h + 1) * D] for h in range(H)])
+
     feat = torch.randn(N, H * D, generator=gen, dtype=torch.float64)
     g_el, g_er = torch.randn(N, H, generator=gen, dtype=torch.float64), torch.randn(30, H, generator=gen, dtype=torch.float64)
     for want, term in zip(_utils._attn_grads(feat, g_el, g_er, 30, True, True), (g_el, g_er)):  # from feat's rows
         m = term.t() @ feat[:term.shape[0]]  # (H, H*D)
-        torch.testing.assert_close(want[0], torch.stack([m[h, h * D:(h + 1) * D] for h in range(H)]), rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(want[0], diagonal_blocks(m), rtol=1e-14, atol=1e-14)
     for term, got in enumerate(_utils._attn_grads(feat, g_el, g_er, 30, True, True, p, W)):
         m = p[H * D + term * H:H * D + (term + 1) * H] @ W.t()  # (H, H*D); the gradient is its diagonal blocks
-        torch.testing.assert_close(got[0], torch.stack([m[h, h * D:(h + 1) * D] for h in range(H)]), rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(got[0], diagonal_blocks(m), rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", [None, "torch"])
