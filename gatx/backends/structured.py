@@ -41,7 +41,7 @@ from torch import Tensor
 
 from ..graph import Graph
 from ..ops._bias import TableBias
-from .structured_moves import BlockPlan
+from .structured_moves import BlockPlan, HaloPlan
 from .structured_tiling import AxisTiling, RowGather, Tiling, axis_tiling, grid_tiling
 
 NAME = "structured"
@@ -203,13 +203,14 @@ def _by_add(s: Tensor, add: Tensor, T: int) -> Tensor:
     return s.view(-1, add.shape[0], T, *s.shape[1:])
 
 
-def _block_plan(tiling: Tiling) -> BlockPlan | None:
-    """The tiling's strided block moves where they can run: eagerly, or an identity plan (no move) while
-    torch.compile traces. Their copies go through ``as_strided`` at storage offsets, which Dynamo can
-    neither read nor functionalize, so a traced call moves rows with the tiling's row gathers instead
-    (``query_nodes``, ``key_nodes``, ``owner``), as for tiles that are not blocks."""
-    plan = tiling.blocks
-    return plan if plan is not None and (plan.identity or not torch.compiler.is_compiling()) else None
+def _strided_plans(tiling: Tiling) -> tuple[BlockPlan | None, HaloPlan | None]:
+    """The tiling's strided moves (block copies, halo windows) where they can run: eagerly, or only an
+    identity block plan (no move) while torch.compile traces. Their copies go through ``as_strided`` at
+    storage offsets, which Dynamo can neither read nor functionalize, so a traced call moves rows with
+    the tiling's row gathers instead (``query_nodes``, ``key_nodes``, ``owner``), as for other tiles."""
+    compiling = torch.compiler.is_compiling()
+    blocks = tiling.blocks if tiling.blocks is not None and (tiling.blocks.identity or not compiling) else None
+    return blocks, None if compiling else tiling.halo
 
 
 def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, bool]:
@@ -224,7 +225,7 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
     T, Qt, Kt = tiling.mask.shape
     if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (strided copies when tiles are blocks)
         rows = vals.contiguous().view(vals.shape[0], -1, Kt)
-        blocks = _block_plan(tiling)
+        blocks, _ = _strided_plans(tiling)
         dense = blocks.to_blocks(rows) if blocks is not None else tiling.query_nodes(rows)
         return dense.view(vals.shape[0], -1), dense is not rows  # an identity plan moves nothing (vals' memory)
     return _EdgesToDense.apply(vals.contiguous(), tiling.pos_edge, tiling.edge_pos, fill, tiling.full,
@@ -339,16 +340,15 @@ def _tiled(
     H, D, Dv = q.shape[1], q.shape[2], v.shape[2]
     T, Qt, Kt = tl.mask.shape
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
-    blocks = _block_plan(tl)
+    blocks, halo = _strided_plans(tl)
     if blocks is not None:  # tiles are blocks of the (rolled) grid: strided copies, no gather
         Q = blocks.to_blocks(q).view(H * T, Qt, D)
     else:
         Q = tl.query_nodes(q).view(H * T, Qt, D)
     if tl.keys_are_queries and blocks is not None:
         K, V = blocks.to_blocks(k).view(H * T, Kt, D), blocks.to_blocks(v).view(H * T, Kt, Dv)
-    elif tl.halo is not None and not torch.compiler.is_compiling():  # each halo is a range per axis: strided
-        # windows of the grid, no gather (as_strided at storage offsets: not traced; compiled, key_nodes gathers)
-        K, V = tl.halo.gather(k).view(H * T, Kt, D), tl.halo.gather(v).view(H * T, Kt, Dv)
+    elif halo is not None:  # each halo is a range per axis: strided windows of the grid, no gather
+        K, V = halo.gather(k).view(H * T, Kt, D), halo.gather(v).view(H * T, Kt, Dv)
     else:
         K = tl.key_nodes(k).view(H * T, Kt, D)
         V = tl.key_nodes(v).view(H * T, Kt, Dv)

@@ -35,13 +35,18 @@ def attention_inputs(g: gatx.Graph, score: str, H: int, D: int, dtype: torch.dty
     return [r(*qk), r(g.num_src, *qk[1:]), r(g.num_src, H, D), (3 * torch.randn(H, D, generator=gen, dtype=dtype)).requires_grad_()]
 
 
+def loss_weights(out: torch.Tensor) -> torch.Tensor:
+    """The loss's weight on each output entry (the output gradient of :func:`value_and_grads`)."""
+    return torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()
+
+
 def value_and_grads(g: gatx.Graph, x: list[torch.Tensor], score: str, backend: str, want_attn: bool) -> list[torch.Tensor]:
     for t in x:
         t.grad = None
     q, k, v, ob = x
     res = ops.sparse_attention(g, q, k, v, score=score, out_bias=ob, backend=backend, return_attention=want_attn)
     out = res[0] if want_attn else res
-    loss = (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin()).sum()
+    loss = (out * loss_weights(out)).sum()
     if want_attn:
         loss = loss + (res[1] ** 2).sum()
     loss.backward()
@@ -84,8 +89,7 @@ def test_float32_specialised_kernel_matches_float64() -> None:
     # that sum (|d out_bias| <= 0.7 while the summands' magnitudes add to ~950), so its float32 error is
     # measured against the sum of |summands|, the scale a float32 sum's rounding is bounded by; the
     # error depends on how many threads split the rows
-    out = want[0]
-    summands = torch.arange(out.numel(), dtype=out.dtype).view_as(out).sin().abs().sum(0)
+    summands = loss_weights(want[0]).abs().sum(0)
     err = ((got[4].double() - want[4]).abs() / summands).max().item()
     assert err < 1e-6, f"d out_bias differs from float64 by {err:.2e} of the summed magnitudes"
 
