@@ -8,6 +8,9 @@ A shared machine rarely runs one job. This script times one GAT layer (8 heads x
 2. *contended*: ``--busy`` extra processes beside it, each a float32 GEMM loop on ``--busy-threads``
    threads (another training job's compute and memory traffic; 1 by default, and the cores' count is
    torch's default for a job that nobody tuned), started before and stopped after the phase.
+   ``--busy-kind`` swaps the GEMMs for neighbours that load one part of the machine: ``spin`` (an
+   integer loop: the cores only) or ``copy`` (copies of a 64 MB buffer: memory bandwidth), which tells
+   a loss to lost core time from a loss to shared caches and memory.
 
 The two systems are timed alternately (one call each, repeated), so a change of load during a phase
 hits both. Each system's *slowdown* is its contended median / its quiet median; the result to read
@@ -32,6 +35,7 @@ A third phase times both quiet on one thread, for two more columns that help rea
     python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
     python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
     python benchmarks/bench_contention.py --rounds 3 --busy-threads 2   # 3 rounds; neighbours on every core
+    python benchmarks/bench_contention.py --rounds 2 --busy-kind copy   # neighbours that take memory bandwidth
 """
 from __future__ import annotations
 
@@ -47,15 +51,25 @@ from _harness import (HelpFormatter, Skip, allocator, environment, fwd_bwd, load
                       write_json)
 from bench_gat import HEADS, OUT_FEATS, random_case
 
-# one busy neighbour: a single-threaded GEMM loop that runs until it is stopped
-BUSY_CODE = (
-    "import sys, torch\n"
-    "torch.set_num_threads(int(sys.argv[1]))\n"
-    "a = torch.randn(512, 512); b = torch.randn(512, 512)\n"
-    "while True:\n"
-    "    a.matmul(b)\n"
-)
-
+# the busy neighbours, each a loop that runs until it is stopped (the first line marks them, so a test can
+# find any left running). They load different parts of the machine, to tell the losses apart:
+BUSY_MARK = "# gatx bench_contention busy neighbour\n"
+BUSY_CODES = {
+    # another training job: float32 GEMMs (cores, vector units and a 3 MB working set in the caches)
+    "gemm": (BUSY_MARK + "import sys, torch\n"
+             "torch.set_num_threads(int(sys.argv[1]))\n"
+             "a = torch.randn(512, 512); b = torch.randn(512, 512)\n"
+             "while True:\n"
+             "    a.matmul(b)\n"),
+    # cores only: an integer loop in the interpreter, a working set of a few KB (one thread per process)
+    "spin": BUSY_MARK + "x = 0\nwhile True:\n    x += 1\n",
+    # memory bandwidth: copies of a 64 MB buffer, far beyond the caches
+    "copy": (BUSY_MARK + "import sys, torch\n"
+             "torch.set_num_threads(int(sys.argv[1]))\n"
+             "a = torch.randn(16_000_000); b = torch.empty_like(a)\n"
+             "while True:\n"
+             "    b.copy_(a)\n"),
+}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -63,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--in-feats", type=int, default=128, help="input width")
     p.add_argument("--busy", type=int, default=2, help="busy processes started beside it in the contended phase")
     p.add_argument("--busy-threads", type=int, default=1, help="threads of each busy process")
+    p.add_argument("--busy-kind", choices=sorted(BUSY_CODES), default="gemm",
+                   help="what each busy process runs: GEMMs (compute and caches), an integer loop (cores only; one "
+                        "thread) or copies of a 64 MB buffer (memory bandwidth)")
     p.add_argument("--rounds", type=int, default=1, help="times the three phases run in turn (pooled; per-round slowdowns too)")
     p.add_argument("--reps", type=int, default=7, help="timed calls per system and phase (alternating)")
     p.add_argument("--tiny", action="store_true", help="seconds: 2,000 nodes, 1 busy process, 3 reps (for tests)")
@@ -74,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.nodes < 2 or min(args.busy, args.reps, args.busy_threads, args.rounds) < 1:
         p.error(f"--nodes must be >= 2, --busy, --busy-threads, --reps and --rounds >= 1; got {args.nodes}, {args.busy}, "
                 f"{args.busy_threads}, {args.reps}, {args.rounds}")
+    if args.busy_kind == "spin" and args.busy_threads != 1:
+        p.error(f"--busy-kind spin runs one thread per process (an interpreter loop); got --busy-threads "
+                f"{args.busy_threads}: use --busy for more of them")
     return args
 
 
@@ -119,10 +139,10 @@ def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
     return times
 
 
-def start_busy(n: int, threads: int = 1) -> list[subprocess.Popen]:
-    """``n`` busy processes (:data:`BUSY_CODE` on ``threads`` threads each), running when this returns."""
+def start_busy(n: int, threads: int = 1, kind: str = "gemm") -> list[subprocess.Popen]:
+    """``n`` busy processes (``BUSY_CODES[kind]`` on ``threads`` threads each), running when this returns."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODE, str(threads)], env=env, stdin=subprocess.DEVNULL,
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_CODES[kind], str(threads)], env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
     time.sleep(1.0)  # let them import torch and reach their loop
     dead = [p.returncode for p in procs if p.poll() is not None]
@@ -146,7 +166,7 @@ def run_round(runs: Runs, gout: Any, args: argparse.Namespace, threads: int, ind
     phases: dict[str, dict[str, Any]] = {}
     for phase in ("quiet", "quiet_1thread", "contended"):
         load = load_average()
-        procs = start_busy(args.busy, args.busy_threads) if phase == "contended" else []
+        procs = start_busy(args.busy, args.busy_threads, args.busy_kind) if phase == "contended" else []
         torch.set_num_threads(1 if phase == "quiet_1thread" else threads)
         try:
             times = timed(runs, gout, args.reps)
@@ -190,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                             for ph in ("quiet", "quiet_1thread", "contended"))
         rows.append({
             "case": f"random-{args.nodes}", "system": name, "mode": "fwd+bwd", "status": "ok",
-            "threads": threads, "busy_processes": args.busy, "busy_threads": args.busy_threads, "reps": args.reps,
+            "threads": threads, "busy_processes": args.busy, "busy_threads": args.busy_threads,
+            "busy_kind": args.busy_kind, "reps": args.reps,
             "rounds": args.rounds,
             "quiet_median_ms": 1e3 * quiet, "quiet_1thread_median_ms": 1e3 * one, "contended_median_ms": 1e3 * busy,
             "slowdown": busy / quiet, "speedup_1_to_n": one / quiet, "contended_over_1thread": busy / one,
@@ -198,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             **{f"{ph}_load_avg": [r[ph]["load_avg_1min"] for r in rounds] for ph in ("quiet", "quiet_1thread", "contended")},
             "max_rel_diff": diff,
         })
-        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy processes of {args.busy_threads} thread(s) "
+        log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy {args.busy_kind} processes of {args.busy_threads} thread(s) "
             f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}); "
             f"per round " + " ".join(f"{s:.2f}" for s in per_round[name]))
     log(f"  gatx's slowdown at most DGL's in {no_worse} of {args.rounds} rounds")

@@ -282,14 +282,16 @@ def test_block_bench_rows(tmp_path) -> None:
         assert rows["gatx"]["ratio_to_dgl"] == pytest.approx(rows["gatx"]["median_ms"] / rows["dgl.GATConv"]["median_ms"])
 
 
-def test_contention_bench_rows(tmp_path) -> None:
+@pytest.mark.parametrize("kind, busy_threads", [("gemm", 2), ("spin", 1), ("copy", 2)])
+def test_contention_bench_rows(tmp_path, kind, busy_threads) -> None:
     """``bench_contention.py --tiny`` in two rounds: both systems agreed, were timed quiet (on all threads and
-    on one) and beside a busy process of two threads, and the busy process is gone afterwards (slowdown =
+    on one) and beside a busy process of each kind, and the busy process is gone afterwards (slowdown =
     contended / quiet median, pooled over the rounds; each round's own slowdown is listed too)."""
     out = tmp_path / "contention.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--rounds", "2", "--busy-threads", "2",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--rounds", "2", "--busy-threads",
+                           str(busy_threads), "--busy-kind", kind, "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     if rows[0]["status"] == "skipped":
@@ -300,14 +302,22 @@ def test_contention_bench_rows(tmp_path) -> None:
         assert r["slowdown"] == pytest.approx(r["contended_median_ms"] / r["quiet_median_ms"])
         assert r["speedup_1_to_n"] == pytest.approx(r["quiet_1thread_median_ms"] / r["quiet_median_ms"])
         assert r["contended_over_1thread"] == pytest.approx(r["contended_median_ms"] / r["quiet_1thread_median_ms"])
-        assert r["busy_processes"] == 1 and r["busy_threads"] == 2 and r["quiet_median_ms"] > 0
+        assert r["busy_processes"] == 1 and r["busy_threads"] == busy_threads and r["busy_kind"] == kind
+        assert r["quiet_median_ms"] > 0
         assert r["rounds"] == 2 and len(r["round_slowdowns"]) == 2 and len(r["contended_load_avg"]) == 2
         assert 0 <= r["rounds_no_worse"] <= 2
     left = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if b"a.matmul(b)" in cmdline.read_bytes():
+            if b"gatx bench_contention busy neighbour" in cmdline.read_bytes():
                 left.append(cmdline.parent.name)
         except OSError:  # the process ended while we looked
             pass
     assert not left, f"busy processes left running: pids {left}"
+
+
+def test_contention_bench_rejects_threaded_spin() -> None:
+    """The integer-loop neighbour is an interpreter loop: one thread, so more threads are refused up front."""
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--busy-kind", "spin",
+                           "--busy-threads", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--busy-kind spin runs one thread per process" in proc.stderr
