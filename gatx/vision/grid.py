@@ -15,16 +15,17 @@ a lookup.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..backends.structured import RowGather, Tiling, axis_tiling, grid_tiling
+from ..backends.structured_moves import BlockPlan
 from ..graph import Graph
 from ..ops import TableBias
 from ..ops._bias import _check_repeat
@@ -44,7 +45,7 @@ def _fmt(values: tuple) -> str:
     return str(values[0]) if len(set(values)) == 1 else str(values)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False)
 class GridStructure:
     """What a grid graph is: its kind, per-axis parameters, per-edge offsets and its kernel tiling.
 
@@ -498,4 +499,36 @@ def window_graph(
 def _window_graph(shape: tuple, w: tuple, s: tuple, device: str) -> Graph:
     axes = [_window_axis(L, wa, sa) for L, wa, sa in zip(shape, w, s)]
     return _build("window", shape, w, (1,) * len(shape), s, (False,) * len(shape), axes, device)
+
+
+@build_cache(32)
+def window_tile_order(shape: tuple, w: tuple, s: tuple, device: str) -> tuple[Graph, BlockPlan] | None:
+    """The window graph with its nodes renumbered in tile order, and the :class:`BlockPlan` that moves
+    grid rows into that order; None unless every window is a full block of the (rolled) grid.
+
+    Node ``t * Qt + j`` of the renumbered graph is slot j of window t (the node the window graph's
+    ``query_nodes`` puts there); its edges are the window graph's, in the same order, and its
+    structure the same but for the renumbering: the same dense layout, bias rows and mask, with
+    an identity block plan. Tokens moved into tile order before a per-token projection (Swin's roll
+    and window partition, one strided copy of the C-wide input) then need no move per q, k and v:
+    a window attention module moves its input in and its output back (2 copies of C channels
+    instead of 4, and likewise in the backward). Arguments as ``_window_graph``'s (cached).
+    """
+    graph = _window_graph(shape, w, s, device)
+    st = graph.structure
+    tl = st.tiling
+    T, Qt, Kt = tl.mask.shape
+    N = tl.num_nodes
+    plan = tl.blocks
+    if plan is None or plan.identity or not tl.keys_are_queries or T * Qt != N:
+        return None  # no move to save, or windows cut short at a side (padded slots: not a renumbering)
+    perm = tl.query_nodes.index  # (N,) the grid node in each slot: a permutation here
+    slots = torch.arange(N, device=perm.device)
+    inv = torch.empty_like(perm)
+    inv[perm] = slots
+    tiles = dataclasses.replace(
+        tl, blocks=BlockPlan((N,), (T,), (Qt,), (), identity=True), query_nodes=RowGather.build(slots, N),
+        key_nodes=RowGather.build(inv[tl.key_nodes.index], N), owner=RowGather.build(tl.owner.index[perm], T * Qt))
+    structure = dataclasses.replace(st, tiling=tiles)
+    return Graph(inv[graph.src], inv[graph.dst], N, N, structure=structure), plan
 

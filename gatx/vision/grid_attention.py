@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends.structured_moves import BlockPlan
 from ..graph import Graph
 from .grid import static_shape
 
@@ -121,23 +122,44 @@ class _GridAttention(nn.Module):
         """The (cached) grid graph this module attends over, for an input of spatial ``shape``."""
         raise NotImplementedError
 
+    def _tile_order(self, shape: tuple[int, ...], device: torch.device) -> tuple[Graph, BlockPlan] | None:
+        """The grid graph with its nodes in tile order and the move of grid rows into it, when every tile
+        is a block of the (rolled) grid whose queries are its keys (windows; see
+        :func:`gatx.vision.grid.window_tile_order`), else None."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         check_grid_input(x, self.dim, self.ndim, type(self).__name__)
-        graph = self.grid_graph(static_shape(tuple(x.shape[1:-1])), x.device)
-        return self._attend(x, graph, self.relative_position_bias_table)
+        shape = static_shape(tuple(x.shape[1:-1]))
+        # the tile order moves tokens by strided copies, which a traced call cannot run (as the structured
+        # backend's own moves); other backends gain nothing from it
+        tiles = None
+        if not torch.compiler.is_compiling() and self.backend in (None, "structured"):
+            tiles = self._tile_order(shape, x.device)
+        if tiles is not None:
+            return self._attend(x, tiles[0], self.relative_position_bias_table, tiles[1])
+        return self._attend(x, self.grid_graph(shape, x.device), self.relative_position_bias_table)
 
-    def _attend(self, x: Tensor, graph: Graph, table: Tensor | None) -> Tensor:
-        """Attention of (B, *spatial, C) tokens over ``graph`` (nodes row-major over spatial), bias from ``table``."""
+    def _attend(self, x: Tensor, graph: Graph, table: Tensor | None, plan: BlockPlan | None = None) -> Tensor:
+        """Attention of (B, *spatial, C) tokens over ``graph``, bias from ``table``. The graph's nodes are
+        row-major over spatial, or, with ``plan``, in the order ``plan.to_blocks`` moves the rows into:
+        the tokens are moved there before the qkv projection and back after the output projection
+        (both act per token), as Swin partitions before and reverses after its attention."""
         B, *S, C = x.shape
         H, D, N = self.num_heads, self.head_dim, math.prod(S)
+        x = x.reshape(B, N, C)
+        if plan is not None:
+            x = plan.to_blocks(x)  # (B, N, C) in tile order
         q, k, v = _HeadMajorQKV.apply(self.qkv(x).reshape(B, N, 3 * C), B, N, H, D)  # (N, B*H, D), head-major
         bias = None if table is None else graph.structure.table_bias(table, B)  # (E, B*H) values
         out = ops.sparse_attention(
             graph, q, k, v, scale=self.scale, bias=bias, dropout_p=self.attn_drop, training=self.training,
             backend=self.backend,
         )  # (N, B*H, D)
-        out = out.transpose(0, 1).reshape(B, H, N, D).permute(0, 2, 1, 3).reshape(B, *S, C)
-        return self.proj_drop(self.proj(out))
+        out = self.proj(out.transpose(0, 1).reshape(B, H, N, D).permute(0, 2, 1, 3).reshape(B, N, C))
+        if plan is not None:
+            out = plan.from_blocks(out)  # back to row-major
+        return self.proj_drop(out.reshape(B, *S, C))
 
     def _common_repr(self) -> str:
         s = f", qk_scale={self.qk_scale}" if self.qk_scale is not None else ""

@@ -6,8 +6,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..backends.structured_moves import BlockPlan
 from ..graph import Graph
-from .grid import window_graph
+from .grid import window_graph, window_tile_order
 from .grid_attention import _GridAttention, check_grid_input, fmt, per_axis
 
 __all__ = ["WindowAttention", "WindowAttention3d"]
@@ -43,6 +44,11 @@ class _WindowAttention(_GridAttention):
 
     def grid_graph(self, shape: tuple[int, ...], device: torch.device) -> Graph:
         return window_graph(shape, self.window_size, self.shift_size, device=device)
+
+    def _tile_order(self, shape: tuple[int, ...], device: torch.device) -> tuple[Graph, BlockPlan] | None:
+        n = self.ndim
+        return window_tile_order(tuple(shape), per_axis(self.window_size, n, "window_size", 1),
+                                 per_axis(self.shift_size, n, "shift_size", 0), str(torch.device(device)))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         state_dict.pop(prefix + "relative_position_index", None)  # Swin's buffer; gatx keeps it in the graph
