@@ -501,9 +501,11 @@ def _window_graph(shape: tuple, w: tuple, s: tuple, device: str) -> Graph:
     return _build("window", shape, w, (1,) * len(shape), s, (False,) * len(shape), axes, device)
 
 
-@build_cache(32)
-def window_tile_order(shape: tuple, w: tuple, s: tuple, device: str) -> tuple[Graph, BlockPlan] | None:
-    """The window graph with its nodes renumbered in tile order, and the :class:`BlockPlan` that moves
+def window_tile_order(
+    shape: Sequence[int], window_size: int | Sequence[int], shift: int | Sequence[int] = 0, *,
+    device: torch.device | str | None = None,
+) -> tuple[Graph, BlockPlan] | None:
+    """:func:`window_graph` with its nodes renumbered in tile order, and the :class:`BlockPlan` that moves
     grid rows into that order; None unless every window is a full block of the (rolled) grid.
 
     Node ``t * Qt + j`` of the renumbered graph is slot j of window t (the node the window graph's
@@ -512,12 +514,19 @@ def window_tile_order(shape: tuple, w: tuple, s: tuple, device: str) -> tuple[Gr
     an identity block plan. Tokens moved into tile order before a per-token projection (Swin's roll
     and window partition, one strided copy of the C-wide input) then need no move per q, k and v:
     a window attention module moves its input in and its output back (2 copies of C channels
-    instead of 4, and likewise in the backward). Arguments as ``_window_graph``'s (cached).
+    instead of 4, and likewise in the backward). Cached like the window graph.
     """
+    shape = tuple(shape)
+    n = len(shape)
+    w, s = _per_axis(window_size, n, "window_size", 1), _per_axis(shift, n, "shift", 0)
+    return cached(_window_tile_order, shape, w, s, _device_key(device))
+
+
+@build_cache(32)
+def _window_tile_order(shape: tuple, w: tuple, s: tuple, device: str) -> tuple[Graph, BlockPlan] | None:
     graph = _window_graph(shape, w, s, device)
-    st = graph.structure
-    tl = st.tiling
-    T, Qt, Kt = tl.mask.shape
+    tl = graph.structure.tiling
+    T, Qt, _ = tl.mask.shape
     N = tl.num_nodes
     plan = tl.blocks
     if plan is None or plan.identity or not tl.keys_are_queries or T * Qt != N:
@@ -529,6 +538,5 @@ def window_tile_order(shape: tuple, w: tuple, s: tuple, device: str) -> tuple[Gr
     tiles = dataclasses.replace(
         tl, blocks=BlockPlan((N,), (T,), (Qt,), (), identity=True), query_nodes=RowGather.build(slots, N),
         key_nodes=RowGather.build(inv[tl.key_nodes.index], N), owner=RowGather.build(tl.owner.index[perm], T * Qt))
-    structure = dataclasses.replace(st, tiling=tiles)
+    structure = dataclasses.replace(graph.structure, tiling=tiles)
     return Graph(inv[graph.src], inv[graph.dst], N, N, structure=structure), plan
-

@@ -46,9 +46,7 @@ class _WindowAttention(_GridAttention):
         return window_graph(shape, self.window_size, self.shift_size, device=device)
 
     def _tile_order(self, shape: tuple[int, ...], device: torch.device) -> tuple[Graph, BlockPlan] | None:
-        n = self.ndim
-        return window_tile_order(tuple(shape), per_axis(self.window_size, n, "window_size", 1),
-                                 per_axis(self.shift_size, n, "shift_size", 0), str(torch.device(device)))
+        return window_tile_order(shape, self.window_size, self.shift_size, device=device)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         state_dict.pop(prefix + "relative_position_index", None)  # Swin's buffer; gatx keeps it in the graph

@@ -20,7 +20,7 @@ from gatx.vision.grid import window_tile_order
 def test_renumbered_graph_is_the_window_graph(shape, w, s):
     """Same edges (in the same order) under the permutation, tiles that are runs of nodes, same bias rows."""
     graph = window_graph(shape, w, s)
-    tiled, plan = window_tile_order(shape, w, s, "cpu")
+    tiled, plan = window_tile_order(shape, w, s)
     N = graph.num_src
     perm = plan.to_blocks(torch.arange(N, dtype=torch.float64).view(1, N, 1)).view(-1).long()  # grid node per slot
     assert torch.equal(torch.sort(perm).values, torch.arange(N))
@@ -29,14 +29,14 @@ def test_renumbered_graph_is_the_window_graph(shape, w, s):
     assert torch.equal(tiled.dst // Qt, tiled.src // Qt), "an edge leaves its window"
     assert tiled.structure.tiling.blocks.identity and torch.equal(tiled.structure.rel_pos_index,
                                                                   graph.structure.rel_pos_index)
-    assert window_tile_order(shape, w, s, "cpu")[0] is tiled  # cached
+    assert window_tile_order(shape, w, s)[0] is tiled  # cached
 
 
 @pytest.mark.parametrize("shape,w,s", [((10, 8), (4, 4), (0, 0)), ((8, 8), (8, 8), (0, 0)), ((16,), (4,), (0,)),
                                        ((9, 9), (3, 3), (0, 0))])
 def test_no_renumbering_without_a_move_to_save(shape, w, s):
     """Windows cut short at a side (padded slots), or tiles already in row order: None (the row-major path)."""
-    got = window_tile_order(shape, w, s, "cpu")
+    got = window_tile_order(shape, w, s)
     if shape == (9, 9):  # a full partition: renumbered
         assert got is not None
     else:
