@@ -11,6 +11,7 @@ from ._graph_checks import as_index as _as_index
 from ._graph_checks import checked_grouping, is_sorted, stable_order
 from ._graph_checks import structure_edges as _structure_edges
 from ._graph_checks import tensors_of as _tensors_of
+from ._modes import normal, outside_inference, version
 
 __all__ = ["Graph", "CSR", "CSC"]
 
@@ -151,8 +152,10 @@ class Graph:
                 )
         self._init(src, dst, num_src, num_dst, is_block, structure)
 
+    @outside_inference  # the graph's caches are built on first use and may serve autograd later
     def _init(self, src: Tensor, dst: Tensor, num_src: int, num_dst: int, is_block: bool, structure: Any) -> None:
         """Set the fields from indices this graph owns and that are known to be valid."""
+        src, dst = normal(src), normal(dst)  # inference tensors: no version to guard, refused by autograd
         self._src = src
         self._dst = dst
         self._num_src = int(num_src)
@@ -191,7 +194,7 @@ class Graph:
     def _guard(self, group: str, named: list[tuple[str, Tensor]]) -> None:
         if torch.compiler.is_compiling():  # version counters are not traceable; see _verify
             return
-        self._guards[group] = tuple((name, t, t._version) for name, t in named)
+        self._guards[group] = tuple((name, t, version(t)) for name, t in named)
 
     def _verify(self, group: str) -> None:
         """Raise if a tensor of ``group`` was written in place since it was recorded (O(1) per tensor).
@@ -203,8 +206,8 @@ class Graph:
         """
         if torch.compiler.is_compiling():
             return
-        for name, t, version in self._guards.get(group, ()):
-            if t._version != version:
+        for name, t, recorded in self._guards.get(group, ()):
+            if recorded is not None and t._version != recorded:  # None: an inference tensor (a user's structure)
                 raise ValueError(
                     f"graph.{name} was modified in place after the Graph was built; a Graph is immutable "
                     "(kernels and backward passes rely on its validated indices). Build a new Graph "
@@ -336,6 +339,7 @@ class Graph:
         g = self._dgl_graph()
         return g if g is not None and fmt in g.formats()["created"] else None
 
+    @outside_inference
     def to_dgl(self) -> Any:
         """This graph as a ``dgl.DGLGraph`` (a block when bipartite or ``is_block``); edge ids kept."""
         self._verify("edges")
@@ -403,6 +407,7 @@ class Graph:
         self._verify("edges")
         return torch.stack([self._src, self._dst])
 
+    @outside_inference
     def in_degrees(self) -> Tensor:
         """(num_dst,) number of incoming edges of each dst node."""
         self._verify("edges")
@@ -424,6 +429,7 @@ class Graph:
             self._zero_in = int((degrees == 0).sum())
         return self._zero_in
 
+    @outside_inference
     def csr(self) -> CSR:
         """Edges grouped by dst (cached): see :class:`CSR`."""
         self._verify("edges")
@@ -447,6 +453,7 @@ class Graph:
         self._verify("csr")
         return self._csr
 
+    @outside_inference
     def csc(self) -> CSC:
         """Edges grouped by src (cached): see :class:`CSC`."""
         self._verify("edges")
@@ -464,6 +471,7 @@ class Graph:
         return self._csc
 
     # ------------------------------------------------------------------ transforms (new graphs)
+    @outside_inference
     def add_self_loops(self) -> "Graph":
         """A new graph with an edge i -> i appended for every dst node i (after the existing edges)."""
         if not self._is_block and self._num_src != self._num_dst:
@@ -479,6 +487,7 @@ class Graph:
             is_block=self._is_block,
         )
 
+    @outside_inference
     def remove_self_loops(self) -> "Graph":
         """A new graph without the edges i -> i."""
         self._verify("edges")
@@ -490,6 +499,7 @@ class Graph:
         self._verify("edges")
         return Graph._trusted(self._dst, self._src, self._num_dst, self._num_src)  # shared, both guarded
 
+    @outside_inference
     def to(self, device: torch.device | str) -> "Graph":
         """This graph on ``device`` (itself when already there); the structure moves only with its builder."""
         device = torch.device(device)

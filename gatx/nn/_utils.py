@@ -35,6 +35,8 @@ def as_graph(graph: Any, num_src: int, num_dst: int) -> Graph:
     if is_dgl_graph(graph):
         return Graph.from_dgl(graph)
     if isinstance(graph, Tensor):
+        if not torch.compiler.is_compiling() and graph.is_inference():  # no version counter: not cached
+            return Graph.from_edge_index(graph, (num_src, num_dst))
         hit = _edge_index_cache.get(id(graph))
         if hit is not None and hit[0]() is graph and hit[1:4] == (graph._version, num_src, num_dst):
             return hit[4]
@@ -79,6 +81,8 @@ _plan_cache: "OrderedDict[int, tuple[weakref.ref, int, tuple[Tensor, Tensor, Ten
 
 
 def _cached_transpose_plan(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if not torch.compiler.is_compiling() and x.is_inference():  # no version counter: not cached
+        return _csr_transpose_plan(x)
     hit = _plan_cache.get(id(x))
     if hit is not None and hit[0]() is x and hit[1] == x._version:
         return hit[2]
@@ -405,7 +409,8 @@ def mostly_zero_csr(x: Tensor) -> tuple[Tensor, Tensor] | None:
     """
     if (x.requires_grad or x.dim() != 2 or x.layout != torch.strided or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64) or x.numel() < SPARSE_MIN_NUMEL
-            or torch.compiler.is_compiling()):  # a density estimate is data-dependent: not while tracing
+            or torch.compiler.is_compiling()  # a density estimate is data-dependent: not while tracing
+            or x.is_inference()):  # no version counter to tell a modified tensor: nothing is cached
         return None
     hit = _zeros_cache.get(id(x))
     if hit is not None and hit[0]() is x and hit[1] == x._version:

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..backends.structured import RowGather, Tiling, axis_tiling, grid_tiling
 from ..backends.structured_moves import BlockPlan
+from .._modes import outside_inference
 from ..graph import Graph
 from ..ops import TableBias
 from ..ops._bias import _check_repeat
@@ -257,6 +258,7 @@ def build_cache(maxsize: int = 32) -> Callable[[Callable[..., Any]], Callable[..
         memo = functools.lru_cache(maxsize=maxsize)(fn)
 
         @functools.wraps(fn)
+        @outside_inference  # cached tensors serve later calls, which may train
         def builder(*args: Any) -> Any:
             return memo(*args)
 

@@ -24,6 +24,7 @@ import functools
 import torch
 from torch import Tensor
 
+from .._modes import outside_inference
 from ..backends.blocks import RegionBlocks
 from ..graph import Graph
 from .grid import _check_int, _device_key, build_cache, cached
@@ -76,6 +77,7 @@ def _rows_cached(num_dst: int, degree: int, device: str) -> tuple[Tensor, Tensor
     return indptr, dst, perm, (indptr._version, dst._version, perm._version)
 
 
+@outside_inference  # cached tensors serve later calls, which may train
 def _rows(num_dst: int, degree: int, device: str) -> tuple[Tensor, Tensor, Tensor]:
     """(indptr, dst, perm) of a graph with ``degree`` in-edges per dst node, edges in row order (cached).
 
