@@ -215,6 +215,24 @@ class Graph:
                     "gatx.vision builder must not be written to either"
                 )
 
+    def __getstate__(self) -> dict[str, Any]:
+        """For pickle, ``copy.deepcopy`` and ``torch.save``: the fields, and per guarded tensor whether it is
+        still intact (a copy's tensors start new version counters, so the versions themselves mean nothing
+        there)."""
+        state = {name: getattr(self, name) for name in self.__slots__ if name != "_guards"}
+        state["_guards"] = {group: tuple((name, t, recorded is None or t._version == recorded)
+                                         for name, t, recorded in entries) for group, entries in self._guards.items()}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy guards its own tensors from their current versions; a tensor that was already written in
+        place before the copy stays refused."""
+        guards = state.pop("_guards")
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        self._guards = {group: tuple((name, t, (version(t) if intact else -1) if not t.is_inference() else None)
+                                     for name, t, intact in entries) for group, entries in guards.items()}
+
     def is_intact(self) -> bool:
         """False when a tensor this graph handed out was modified in place (it then refuses to be used)."""
         try:

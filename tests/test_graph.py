@@ -147,3 +147,51 @@ def test_derived_graphs_share_guarded_storage():
     with pytest.raises(ValueError, match=r"csr\(\).indptr was modified in place"):
         c.csr()
     assert Graph(torch.tensor([0]), torch.tensor([0])).to("cpu").is_intact()
+
+
+def _copies():
+    import copy
+    import io
+    import pickle
+
+    def saved(obj):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        buf.seek(0)
+        return torch.load(buf, weights_only=False)
+
+    return {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj)), "torch.save": saved}
+
+
+def _graphs():
+    import copy
+
+    from gatx.vision import routed_region_graph, window_graph
+
+    plain = Graph(torch.randint(0, 30, (120,)), torch.randint(0, 30, (120,)), 30, 30)
+    plain.csr(), plain.csc(), plain.in_degrees()  # guarded caches too
+    idx = torch.randint(0, 4, (2, 4, 2), generator=torch.Generator().manual_seed(0))
+    # private copies of the builders' graphs, which share cached tensors: this test writes into its graph
+    return {"plain": plain, "window": copy.deepcopy(window_graph(8, 8, 4, shift=2)),
+            "routed": copy.deepcopy(routed_region_graph(idx, (8, 8), 2))}
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("kind", ["plain", "window", "routed"])
+def test_copies_of_a_graph_work_and_stay_guarded(how, kind):
+    """A copied Graph (pickle, deepcopy, torch.save: a DataLoader worker's batches too) gives the same
+    results, refuses in-place writes to its own tensors, and a graph written before the copy stays refused."""
+    from gatx import ops
+
+    graph = _graphs()[kind]
+    copy_of = _copies()[how]
+    n = graph.num_src
+    q = torch.randn(n, 2, 4, generator=torch.Generator().manual_seed(1))
+    copied = copy_of(graph)
+    assert copied.is_intact() and torch.equal(ops.sparse_attention(copied, q, q, q), ops.sparse_attention(graph, q, q, q))
+    copied.src.add_(0)  # an in-place write (of nothing) moves the copy's version counter
+    assert not copied.is_intact() and graph.is_intact()
+    with pytest.raises(ValueError, match="modified in place"):
+        ops.sparse_attention(copied, q, q, q)
+    graph.dst.add_(0)
+    assert not copy_of(graph).is_intact()
