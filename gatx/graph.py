@@ -207,7 +207,8 @@ class Graph:
         if torch.compiler.is_compiling():
             return
         for name, t, recorded in self._guards.get(group, ()):
-            if recorded is not None and t._version != recorded:  # None: an inference tensor (a user's structure)
+            # None: an inference tensor (no counter); -1: written before this graph was copied (see __setstate__)
+            if recorded is not None and (recorded < 0 or t._version != recorded):
                 raise ValueError(
                     f"graph.{name} was modified in place after the Graph was built; a Graph is immutable "
                     "(kernels and backward passes rely on its validated indices). Build a new Graph "
@@ -230,8 +231,8 @@ class Graph:
         guards = state.pop("_guards")
         for name, value in state.items():
             object.__setattr__(self, name, value)
-        self._guards = {group: tuple((name, t, (version(t) if intact else -1) if not t.is_inference() else None)
-                                     for name, t, intact in entries) for group, entries in guards.items()}
+        self._guards = {group: tuple((name, t, version(t) if intact else -1) for name, t, intact in entries)
+                        for group, entries in guards.items()}
 
     def is_intact(self) -> bool:
         """False when a tensor this graph handed out was modified in place (it then refuses to be used)."""
