@@ -31,12 +31,17 @@ def outside_inference(fn: F) -> F:
     return run  # type: ignore[return-value]
 
 
+def has_version(t: Tensor) -> bool:
+    """Whether ``t`` carries a version counter (not an inference tensor). True while ``torch.compile``
+    traces: Dynamo cannot ask, and inference mode and compile do not mix."""
+    return torch.compiler.is_compiling() or not t.is_inference()
+
+
 def normal(t: Tensor) -> Tensor:
-    """``t``, or a normal copy of it when it is an inference tensor (call with inference mode off).
-    While ``torch.compile`` traces, ``t`` (Dynamo cannot ask; inference mode and compile do not mix)."""
-    return t if torch.compiler.is_compiling() or not t.is_inference() else t.clone()
+    """``t``, or a normal copy of it when it is an inference tensor (call with inference mode off)."""
+    return t if has_version(t) else t.clone()
 
 
 def version(t: Tensor) -> int | None:
     """``t._version``, or None for an inference tensor (it has no version counter)."""
-    return None if t.is_inference() else t._version
+    return t._version if has_version(t) else None

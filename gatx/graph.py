@@ -490,7 +490,6 @@ class Graph:
         return self._csc
 
     # ------------------------------------------------------------------ transforms (new graphs)
-    @outside_inference
     def add_self_loops(self) -> "Graph":
         """A new graph with an edge i -> i appended for every dst node i (after the existing edges)."""
         if not self._is_block and self._num_src != self._num_dst:
@@ -506,7 +505,6 @@ class Graph:
             is_block=self._is_block,
         )
 
-    @outside_inference
     def remove_self_loops(self) -> "Graph":
         """A new graph without the edges i -> i."""
         self._verify("edges")
@@ -518,7 +516,6 @@ class Graph:
         self._verify("edges")
         return Graph._trusted(self._dst, self._src, self._num_dst, self._num_src)  # shared, both guarded
 
-    @outside_inference
     def to(self, device: torch.device | str) -> "Graph":
         """This graph on ``device`` (itself when already there); the structure moves only with its builder."""
         device = torch.device(device)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._amp import autocast_off
+from .._modes import has_version
 from ..graph import Graph
 from ..ops._layout import side_by_side
 
@@ -35,7 +36,7 @@ def as_graph(graph: Any, num_src: int, num_dst: int) -> Graph:
     if is_dgl_graph(graph):
         return Graph.from_dgl(graph)
     if isinstance(graph, Tensor):
-        if not torch.compiler.is_compiling() and graph.is_inference():  # no version counter: not cached
+        if not has_version(graph):  # an inference tensor: nothing tells a later write, so not cached
             return Graph.from_edge_index(graph, (num_src, num_dst))
         hit = _edge_index_cache.get(id(graph))
         if hit is not None and hit[0]() is graph and hit[1:4] == (graph._version, num_src, num_dst):
@@ -81,7 +82,7 @@ _plan_cache: "OrderedDict[int, tuple[weakref.ref, int, tuple[Tensor, Tensor, Ten
 
 
 def _cached_transpose_plan(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    if not torch.compiler.is_compiling() and x.is_inference():  # no version counter: not cached
+    if not has_version(x):  # an inference tensor: nothing tells a later write, so not cached
         return _csr_transpose_plan(x)
     hit = _plan_cache.get(id(x))
     if hit is not None and hit[0]() is x and hit[1] == x._version:
@@ -410,7 +411,7 @@ def mostly_zero_csr(x: Tensor) -> tuple[Tensor, Tensor] | None:
     if (x.requires_grad or x.dim() != 2 or x.layout != torch.strided or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64) or x.numel() < SPARSE_MIN_NUMEL
             or torch.compiler.is_compiling()  # a density estimate is data-dependent: not while tracing
-            or x.is_inference()):  # no version counter to tell a modified tensor: nothing is cached
+            or not has_version(x)):  # an inference tensor: nothing tells a later write, so not cached
         return None
     hit = _zeros_cache.get(id(x))
     if hit is not None and hit[0]() is x and hit[1] == x._version:
