@@ -93,9 +93,9 @@ class _HeadProjection(torch.autograd.Function):
             for h in range(H):
                 torch.mm(g[:, h], w[h], out=g_agg[:, h])
         if ctx.needs_input_grad[1]:
-            g_w = weight.new_empty(w.shape)
+            g_w = weight.new_zeros(w.shape)  # summed into (see small_product): no BLAS pass scaling it by 0
             for h in range(H):
-                torch.mm(g[:, h].t(), agg[:, h], out=g_w[h])
+                g_w[h].addmm_(g[:, h].t(), agg[:, h])
             g_w = g_w.view(weight.shape)
         return g_agg, g_w
 
