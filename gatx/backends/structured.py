@@ -33,6 +33,7 @@ tilings themselves are built in :mod:`gatx.backends.structured_tiling` (re-expor
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -314,9 +315,12 @@ def _finite_or_per_edge(checked: list[Tensor], res: Any, inputs: dict[str, Tenso
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every value is finite, from one sum per tensor (an overflowing sum only costs the slow path)."""
-    total = sum(t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in tensors)
-    return bool(torch.isfinite(total))
+    """Whether every value is finite, from one sum per tensor (an overflowing sum only costs the slow path)
+    and one read of their total (one synchronisation on a GPU). The total is read as a Python float: the
+    0-dim tensor ops of an ``isfinite`` test cost about 0.1 ms per call on a CPU, 1-3% of a window layer."""
+    sums = [t.detach().sum(dtype=torch.float32 if t.element_size() < 4 else None) for t in tensors]
+    total = sums[0] if len(sums) == 1 else sum(sums)
+    return math.isfinite(total.item())
 
 
 def _per_edge(
