@@ -185,8 +185,9 @@ class _DenseAttention(torch.autograd.Function):
         gV = torch.bmm(a.transpose(1, 2), grad) if want[2] else None  # (H*T, Kt, Dv)
         ds = torch.bmm(grad, V.transpose(1, 2))  # (H*T, Qt, Kt): dA
         torch._softmax_backward_data(ds, a, -1, a.dtype, grad_input=ds)  # dS, in place
-        gQ = torch.bmm(ds, K).mul_(scale) if want[0] else None
-        gK = torch.bmm(ds.transpose(1, 2), Q).mul_(scale) if want[1] else None
+        # the scale as the products' alpha (beta = 0 ignores the empty buffers' contents): no pass scaling them
+        gQ = Q.new_empty(Q.shape).baddbmm_(ds, K, beta=0, alpha=scale) if want[0] else None
+        gK = K.new_empty(K.shape).baddbmm_(ds.transpose(1, 2), Q, beta=0, alpha=scale) if want[1] else None
         gadd = None
         if want[3]:
             ds5 = _by_add(ds, add, T)  # (H / A, A, T, Qt, Kt)
