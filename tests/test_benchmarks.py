@@ -321,3 +321,23 @@ def test_contention_bench_rejects_threaded_spin() -> None:
     proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--busy-kind", "spin",
                            "--busy-threads", "2"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--busy-kind spin runs one thread per process" in proc.stderr
+
+
+def test_gatv2_bench_rows(tmp_path) -> None:
+    """``bench_gatv2.py --tiny``: every system that ran agreed with gatx before it was timed, and the ratios
+    are of the medians in the same run."""
+    out = tmp_path / "gatv2.json"
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_gatv2.py"), "--tiny", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {r["system"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"gatx", "gatx[torch]"} <= {name for name, r in rows.items() if r["status"] == "ok"}
+    assert set(rows) == {"gatx", "gatx[torch]", "dgl.GATv2Conv", "pyg.GATv2Conv"}
+    for name, r in rows.items():
+        if r["status"] == "skipped":
+            assert r["reason"]
+            continue
+        assert r["status"] == "ok" and r["max_rel_diff"] <= 1e-3 and r["median_ms"] > 0
+        assert r["ratio_to_gatx"] == pytest.approx(r["median_ms"] / rows["gatx"]["median_ms"])
+        if rows["dgl.GATv2Conv"]["status"] == "ok":
+            assert r["ratio_to_dgl"] == pytest.approx(r["median_ms"] / rows["dgl.GATv2Conv"]["median_ms"])
