@@ -187,7 +187,7 @@ class GATv2Conv(nn.Module):
         pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
         attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
         slope = self.leaky_relu.negative_slope
-        if torch.compiler.is_compiling() or pre.dim() != 3:  # Dynamo traces no autograd.grad (create_graph path)
+        if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
         else:
             s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
