@@ -80,8 +80,10 @@ class GATv2Conv(nn.Module):
         bias: biases in ``fc_src``, ``fc_dst`` and ``res_fc`` (default True).
         share_weights: ``fc_dst`` is ``fc_src`` (default False).
         edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
-        backend: ``None``, ``"dgl"`` or ``"torch"`` (GATv2's per-edge vector score is composed from
-            ``gat_score`` / ``edge_softmax`` / ``aggregate``, which the fused backend does not run).
+        backend: ``None``, ``"dgl"`` or ``"torch"``. GATv2's per-edge vector score is an (E, H, D)
+            ``gat_score`` (which the fused backend does not run: DGL's or torch's kernels); its softmax,
+            attention dropout and aggregation are one ``sparse_attention`` call with the scores as given
+            logits, which ``None`` runs on the fused CPU kernel where it is available.
 
     Shapes:
         - input: ``feat`` (N, *, in_feats) dense, (N, in_feats) sparse, or a pair
@@ -94,7 +96,8 @@ class GATv2Conv(nn.Module):
             without in-edges unless ``allow_zero_in_degree``.
 
     ``torch.compile(layer, fullgraph=True)`` works on CPU: while compiling, ``backend=None`` runs the
-    torch backend's gather / scatter (DGL's kernels cannot be traced), and the zero-in-degree check
+    torch backend's gather / scatter for the score (DGL's kernels cannot be traced) and the fused kernel's
+    custom op for the rest, and the zero-in-degree check
     runs inside the compiled code and raises the same error.
 
     >>> import torch, gatx
@@ -191,9 +194,12 @@ class GATv2Conv(nn.Module):
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
         else:
             s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
-        a = ops.edge_softmax(g, s, backend=backend)
-        a = F.dropout(a, self.attn_drop.p, self.training)
-        rst = ops.aggregate(g, a, feat_src, backend=backend).view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
+        # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
+        # given-logits score), else the backend's edge_softmax and aggregate, as written out
+        res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,
+                                   training=self.training, return_attention=get_attention, backend=backend)
+        rst, a = res if get_attention else (res, None)
+        rst = rst.view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
         if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
             rst = rst + linear(self.res_fc, flat(h_dst)).view(g.num_dst, *prefix, -1, D)
         if self.activation is not None:
