@@ -14,6 +14,10 @@ the rules of :mod:`gatx.backends.fused_build` (private folder, atomic write, siz
 before loading); it is loaded with ctypes. Any failure to build or load becomes a reason, so gatx
 falls back to the other backends. The kernel checks its indices' bounds itself on every call.
 
+The library also runs GATv2's per-edge vector score (:func:`leaky_score`, used by ``GATv2Conv``): one
+pass over the (E, H, D) pre-activations each way, where written out the LeakyReLU, the product and
+their gradients make four (E, H, D) tensors.
+
 Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
 ``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
 the same edges. The mask (one byte per entry) is the only (E, H) tensor kept for backward.
@@ -57,8 +61,9 @@ _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
-_ABI = 7  # gatx_fused_abi_version() of the matching source
-__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "load", "reasons", "sparse_attention"]
+_ABI = 8  # gatx_fused_abi_version() of the matching source
+__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "leaky_score", "load", "reasons",
+           "sparse_attention"]
 
 
 class _State:
@@ -91,6 +96,10 @@ def load() -> Any:
                     raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
                 _declare(lib.gatx_fused_f32)
                 _declare(lib.gatx_fused_f64)
+                for fn in (lib.gatx_leaky_score_f32, lib.gatx_leaky_score_f64):
+                    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+                    fn.restype = ctypes.c_int
+                    fn.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr, ptr, ptr, ctypes.c_int]
                 _state.lib = lib
             except Exception as err:  # noqa: BLE001 - every failure becomes a reason
                 _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"
@@ -166,6 +175,37 @@ def reasons(graph: Graph, *tensors: Tensor | None, op: str = "", **opts: Any) ->
 def _shared_values(q: Tensor, v: Tensor) -> bool:
     """v has one head that the scores' several heads all read (q's heads are the scores')."""
     return v.shape[1] == 1 and q.shape[1] != 1
+
+
+def leaky_score(pre: Tensor, attn: Tensor, slope: float, g: Tensor | None = None, need_pre: bool = False,
+                need_attn: bool = False) -> Any:
+    """GATv2's edge scores ``(leaky_relu(pre, slope) * attn).sum(-1)`` (E, H) for a float32 / float64 ``pre``
+    (E, H, D) and ``attn`` (H, D) of its dtype, in one pass over pre; with ``g`` (dL/ds, (E, H)) instead,
+    the backward: (dpre (E, H, D) or None, dattn (H, D) or None), again one pass over pre."""
+    lib = load()
+    fn = lib.gatx_leaky_score_f32 if pre.dtype == torch.float32 else lib.gatx_leaky_score_f64
+    pre, attn = pre.contiguous(), attn.contiguous()
+    E, H, D = pre.shape
+    if attn.shape != (H, D) or attn.dtype != pre.dtype or pre.dtype not in _DTYPES:
+        raise ValueError(f"leaky_score needs float32 / float64 pre (E, H, D) and attn (H, D) of its dtype, got "
+                         f"{tuple(pre.shape)} {pre.dtype} and {tuple(attn.shape)} {attn.dtype}")
+    threads = torch.get_num_threads()
+    if g is None:
+        s = pre.new_empty((E, H))
+        rc = fn(0, E, H, D, _ptr(pre), _ptr(attn), slope, None, _ptr(s), None, None, threads)
+        res: Any = s
+    else:
+        g = g.to(pre.dtype).contiguous()
+        if g.shape != (E, H):
+            raise ValueError(f"leaky_score's gradient must have shape {(E, H)}, got {tuple(g.shape)}")
+        dpre = torch.empty_like(pre) if need_pre else None
+        dattn = attn.new_empty((H, D)) if need_attn else None
+        rc = fn(1, E, H, D, _ptr(pre), _ptr(attn), slope, _ptr(g), None, _ptr(dpre), _ptr(dattn), threads)
+        res = (dpre, dattn)
+    if rc == 3:
+        raise MemoryError("the fused kernel could not allocate its partial sums")
+    assert rc == 0, f"leaky_score kernel returned {rc}"
+    return res
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+from ..backends import fused
 from ._inputs import (
     check_edge_feat, check_zero_in_degree, fold, layer_inputs, store_layer_args,
 )
@@ -15,25 +16,38 @@ from .._amp import autocast_off
 from ._utils import _diag_blocks, flat, head_blocks, linear, small_product
 
 
+def _on_kernel(pre: Tensor, attn: Tensor) -> bool:
+    """Whether the fused CPU library runs GATv2's score for these inputs (float32 / float64 on the CPU, one
+    dtype, the library built and loaded)."""
+    return (pre.device.type == "cpu" and pre.dtype == attn.dtype and pre.dtype in fused._DTYPES
+            and fused.availability() is None)
+
+
 class _LeakyScore(torch.autograd.Function):
     """GATv2's per-edge scores ``(leaky_relu(pre) * attn).sum(-1)`` (E, H) for ``pre`` (E, H, D) and ``attn``
-    (1, H, D): the sum over D is one (E, H*D) x (H*D, H) product with ``attn``'s block-diagonal matrix, and
-    the backward is one product for pre's gradient (the LeakyReLU's backward in place on it) and one small
-    one for attn's. Written out, the forward makes the (E, H, D) product before its sum and the backward
-    two more (E, H, D) tensors (100k nodes, 2.1M edges, 8 x 8 heads: 537 MB each).
+    (1, H, D). Written out, the forward makes two (E, H, D) tensors (the LeakyReLU and the product before
+    its sum) and the backward two more (100k nodes, 2.1M edges, 8 x 8 heads: 537 MB each).
 
-    Saves what autograd would (pre for the LeakyReLU, its output for attn's gradient). A backward that
-    builds a graph (``create_graph=True``) differentiates the written-out form recomputed from the inputs."""
+    With ``kernel`` (the layer's backend None or "fused") on float32 / float64 CPU inputs, the fused
+    library's ``leaky_score`` reads pre once each way and keeps nothing else (:func:`gatx.backends.fused.
+    leaky_score`). Otherwise the sum over D is one (E, H*D) x (H*D, H) product with ``attn``'s
+    block-diagonal matrix, and the backward one product for pre's gradient (the LeakyReLU's backward in
+    place on it) and a small one for attn's; that path saves what autograd would (pre, the LeakyReLU).
+    A backward that builds a graph (``create_graph=True``) differentiates the written-out form
+    recomputed from the inputs."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, attn: Tensor, slope: float) -> Tensor:
+    def forward(ctx, pre: Tensor, attn: Tensor, slope: float, kernel: bool = False) -> Tensor:
         E, H, D = pre.shape
+        ctx.slope = slope
+        if kernel and _on_kernel(pre, attn):  # one pass over pre; the backward another, nothing else of (E, H, D) kept
+            ctx.save_for_backward(pre, attn, None)
+            return fused.leaky_score(pre, attn[0], slope)
         dtype = torch.promote_types(pre.dtype, attn.dtype)  # the written-out product's dtype (autocast: float32)
         with autocast_off(pre.device.type):
             lr = F.leaky_relu(pre, slope).to(dtype).reshape(E, H * D)  # (E, H*D)
             s = lr @ head_blocks(attn.to(dtype))  # (E, H)
         ctx.save_for_backward(pre, attn, lr)
-        ctx.slope = slope
         return s
 
     @staticmethod
@@ -45,8 +59,11 @@ class _LeakyScore(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)
             grads = iter(torch.autograd.grad(s, [t for t, w in zip((pre, attn), want) if w], g, create_graph=True))
-            return tuple(next(grads) if w else None for w in want) + (None,)
+            return tuple(next(grads) if w else None for w in want) + (None, None)
         g_pre = g_attn = None
+        if lr is None:  # the fused kernel's pass
+            g_pre, g_attn = fused.leaky_score(pre, attn[0], slope, g, want[0], want[1])
+            return g_pre, g_attn.unsqueeze(0) if g_attn is not None else None, None, None
         with autocast_off(pre.device.type):
             g = g.to(lr.dtype)
             if want[0]:
@@ -55,7 +72,7 @@ class _LeakyScore(torch.autograd.Function):
                 g_pre = g_pre.to(pre.dtype)
             if want[1]:
                 g_attn = _diag_blocks(small_product(g.t(), lr), H).to(attn.dtype)  # (1, H, D)
-        return g_pre, g_attn, None
+        return g_pre, g_attn, None, None
 
 
 class GATv2Conv(nn.Module):
@@ -193,7 +210,7 @@ class GATv2Conv(nn.Module):
         if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
         else:
-            s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
+            s = _LeakyScore.apply(pre, attn, slope, backend in (None, "fused"))  # (E, S*H)
         # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
         # given-logits score), else the backend's edge_softmax and aggregate, as written out
         res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,

@@ -9,49 +9,78 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import gatx
+from gatx.backends import fused
 from gatx.nn.gatv2conv import _LeakyScore
 
 
-def written_out(pre, attn, slope):
+def written_out(pre, attn, slope, kernel=False):
     return (F.leaky_relu(pre, slope) * attn).sum(-1)
 
 
+KERNELS = [False, True] if fused.availability() is None else [False]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3, 1.5])
-def test_gradcheck_and_double_backward(slope):
+def test_gradcheck_and_double_backward(slope, kernel):
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(30, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     attn = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    fn = lambda p, a: _LeakyScore.apply(p, a, slope)  # noqa: E731
+    fn = lambda p, a: _LeakyScore.apply(p, a, slope, kernel)  # noqa: E731
     assert gradcheck(fn, (pre, attn))
     assert gradgradcheck(fn, (pre, attn))
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_matches_written_out(slope, layout):
+def test_matches_written_out(slope, layout, kernel):
     gen = torch.Generator().manual_seed(1)
     pre = torch.randn(50, 2, 8, dtype=torch.float64, generator=gen)
     if layout == "strided":
         pre = torch.randn(2, 50, 8, dtype=torch.float64, generator=gen).transpose(0, 1)
     pre.requires_grad_()
     attn = torch.randn(1, 2, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    ours, ref = _LeakyScore.apply(pre, attn, slope), written_out(pre, attn, slope)
+    ours, ref = _LeakyScore.apply(pre, attn, slope, kernel), written_out(pre, attn, slope)
     torch.testing.assert_close(ours, ref, rtol=1e-14, atol=1e-14)
     g = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, (pre, attn), g), torch.autograd.grad(ref, (pre, attn), g)):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
-def test_one_input_needs_grad_and_empty():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_one_input_needs_grad_and_empty(kernel):
     pre = torch.randn(10, 2, 4, requires_grad=True)
-    assert torch.autograd.grad(_LeakyScore.apply(pre, torch.randn(1, 2, 4), 0.2).sum(), pre)[0].shape == pre.shape
+    assert torch.autograd.grad(_LeakyScore.apply(pre, torch.randn(1, 2, 4), 0.2, kernel).sum(), pre)[0].shape == pre.shape
     attn = torch.randn(1, 2, 4, requires_grad=True)
-    (g,) = torch.autograd.grad(_LeakyScore.apply(torch.randn(10, 2, 4), attn, 0.2).sum(), attn)
+    (g,) = torch.autograd.grad(_LeakyScore.apply(torch.randn(10, 2, 4), attn, 0.2, kernel).sum(), attn)
     assert g.shape == attn.shape
     empty = torch.randn(0, 2, 4, requires_grad=True)
-    s = _LeakyScore.apply(empty, attn, 0.2)
+    s = _LeakyScore.apply(empty, attn, 0.2, kernel)
     s.sum().backward()
-    assert s.shape == (0, 2) and empty.grad.shape == (0, 2, 4)
+    assert s.shape == (0, 2) and empty.grad.shape == (0, 2, 4) and (attn.grad == 0).all()
+
+
+@pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
+def test_kernel_sums_the_same_for_any_thread_count():
+    """attn's gradient sums fixed blocks of rows in a fixed order: the same bits on 1 and 2 threads, and
+    non-finite values pass through as written out (NaN stays NaN)."""
+    gen = torch.Generator().manual_seed(5)
+    pre = torch.randn(9000, 4, 8, generator=gen)
+    attn = torch.randn(4, 8, generator=gen)
+    g = torch.randn(9000, 4, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused.leaky_score(pre, attn, 0.2, g, True, True)
+        torch.set_num_threads(2)
+        two = fused.leaky_score(pre, attn, 0.2, g, True, True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+    pre[3, 1, 2] = float("nan")
+    s = fused.leaky_score(pre, attn, 0.2)
+    assert s[3, 1].isnan() and s.isnan().sum() == 1
 
 
 def test_autocast_bfloat16():
