@@ -83,6 +83,13 @@ def _declare(fn: Any) -> None:
                    dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
 
 
+def _declare_score(fn: Any) -> None:
+    """The argument types of the GATv2 score's entry points (see :func:`leaky_score`)."""
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.restype = c_int
+    fn.argtypes = [c_int, i64, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr, ptr, ptr, c_int]
+
+
 def load() -> Any:
     """The compiled library (building it on first use), or raise OSError with the reason."""
     if _state.lib is not None:
@@ -96,10 +103,8 @@ def load() -> Any:
                     raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
                 _declare(lib.gatx_fused_f32)
                 _declare(lib.gatx_fused_f64)
-                for fn in (lib.gatx_leaky_score_f32, lib.gatx_leaky_score_f64):
-                    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr, ptr, ptr, ctypes.c_int]
+                _declare_score(lib.gatx_leaky_score_f32)
+                _declare_score(lib.gatx_leaky_score_f64)
                 _state.lib = lib
             except Exception as err:  # noqa: BLE001 - every failure becomes a reason
                 _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"
