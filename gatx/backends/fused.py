@@ -61,7 +61,7 @@ _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
-_ABI = 8  # gatx_fused_abi_version() of the matching source
+_ABI = 9  # gatx_fused_abi_version() of the matching source
 __all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "leaky_score", "load", "reasons",
            "sparse_attention"]
 
@@ -105,6 +105,11 @@ def load() -> Any:
                 _declare(lib.gatx_fused_f64)
                 _declare_score(lib.gatx_leaky_score_f32)
                 _declare_score(lib.gatx_leaky_score_f64)
+                for fn in (lib.gatx_gat2_score_f32, lib.gatx_gat2_score_f64):
+                    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+                    fn.restype = c_int
+                    fn.argtypes = [c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr,
+                                   ptr, ptr, ptr, c_int]
                 _state.lib = lib
             except Exception as err:  # noqa: BLE001 - every failure becomes a reason
                 _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"
@@ -211,6 +216,56 @@ def leaky_score(pre: Tensor, attn: Tensor, slope: float, g: Tensor | None = None
         raise MemoryError("the fused kernel could not allocate its partial sums")
     assert rc == 0, f"leaky_score kernel returned {rc}"
     return res
+
+
+def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, g: Tensor | None = None,
+               need: tuple[bool, bool, bool] = (False, False, False)) -> Any:
+    """GATv2's edge scores from the node rows, ``(leaky_relu(fs[src] + fd[dst], slope) * attn).sum(-1)`` (E, H),
+    for float32 / float64 ``fs`` (num_src, H, D), ``fd`` (num_dst, H, D) and ``attn`` (H, D) of one dtype,
+    without making the (E, H, D) pre-activations: one pass over the graph's CSR. With ``g`` (dL/ds, (E, H))
+    instead, the backward (dfs, dfd, dattn), each computed when ``need`` asks for it: dfd and dattn from
+    one pass over the CSR, dfs from one over the CSC."""
+    lib = load()
+    fn = lib.gatx_gat2_score_f32 if fs.dtype == torch.float32 else lib.gatx_gat2_score_f64
+    fs, fd, attn = fs.contiguous(), fd.contiguous(), attn.contiguous()
+    H, D = attn.shape
+    ns, nd, E = graph.num_src, graph.num_dst, graph.num_edges
+    if (fs.shape != (ns, H, D) or fd.shape != (nd, H, D) or len({fs.dtype, fd.dtype, attn.dtype}) != 1
+            or fs.dtype not in _DTYPES):
+        raise ValueError(f"gat2_score needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D) and attn (H, D) "
+                         f"of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, {tuple(attn.shape)}")
+    threads = torch.get_num_threads()
+    csr = graph.csr()
+
+    def call(which: int, rows: tuple[Tensor, Tensor, Tensor], n_rows: int, n_other: int, a: Tensor, b: Tensor,
+             **out: Tensor | None) -> None:
+        rc = fn(which, n_rows, n_other, E, H, D, _ptr(rows[0]), _ptr(rows[1]), _ptr(rows[2]), _ptr(a), _ptr(b),
+                _ptr(attn), slope, _ptr(g), _ptr(out.get("s")), _ptr(out.get("drow")), _ptr(out.get("dattn")), threads)
+        if rc == 2:
+            raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
+                             "through .data or numpy after the Graph was built?); build a new Graph")
+        if rc == 3:
+            raise MemoryError("the fused kernel could not allocate its buffers")
+        assert rc == 0, f"gat2_score kernel returned {rc}"
+
+    by_dst = (csr.indptr, csr.src, csr.perm)
+    if g is None:
+        s = fs.new_empty((E, H))
+        call(0, by_dst, nd, ns, fd, fs, s=s)
+        return s
+    g = g.to(fs.dtype).contiguous()
+    if g.shape != (E, H):
+        raise ValueError(f"gat2_score's gradient must have shape {(E, H)}, got {tuple(g.shape)}")
+    dfs = dfd = dattn = None
+    if need[1] or need[2]:
+        dfd = torch.empty_like(fd)
+        dattn = attn.new_empty((H, D)) if need[2] else None
+        call(1, by_dst, nd, ns, fd, fs, drow=dfd, dattn=dattn)
+    if need[0]:
+        c = graph.csc()
+        dfs = torch.empty_like(fs)
+        call(1, (c.indptr, c.dst, c.perm), ns, nd, fs, fd, drow=dfs)
+    return dfs, dfd if need[1] else None, dattn
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -964,4 +964,114 @@ int leaky_score(int which, int64_t E, int64_t H, int64_t D, const T* pre, const 
 GATX_SCORE_ENTRY(gatx_leaky_score_f32, float)
 GATX_SCORE_ENTRY(gatx_leaky_score_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 8; }
+// GATv2's edge score straight from the node rows, without the (E, H, D) pre-activations: over the rows
+// of a CSR (indptr, nbr, eid; a row r and the other endpoint o = nbr[p] of its edge eid[p]),
+//   z = a_rows[r] + b_rows[o]  (H, D),  s[eid,h] = sum_d attn[h,d] * lrelu(z[h,d])
+// which 0: s (rows are dst nodes, a = fd, b = fs). which 1: from g = dL/ds, drow[r] = sum over the row's
+// edges of g[eid,h] * attn[h,d] * lrelu'(z) (the dst pass gives dfd, the src pass over the CSC dfs) and,
+// when dattn is given, dattn[h,d] = sum_e g[eid,h] * lrelu(z), summed in fixed blocks of rows in order.
+// Every row's offsets and every edge's ids are checked before use: 2 when one is out of range.
+namespace {
+constexpr int64_t kRowBlock = 256;
+
+template <typename T>
+int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t D,
+               const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows, const T* b_rows,
+               const T* attn, double slope_d, const T* g, T* s, T* drow, T* dattn, int nthreads) {
+  const int64_t HD = H * D;
+  if (which < 0 || which > 1 || n_rows < 0 || n_other < 0 || n_edges < 0 || H < 0 || D < 0 || !indptr) return 1;
+  if (indptr[0] != 0 || indptr[n_rows] != n_edges) return 2;
+  if (HD == 0) {
+    if (dattn) std::fill(dattn, dattn + HD, T(0));
+    return 0;
+  }
+  if ((n_edges > 0 && (!nbr || !eid || !attn || (n_rows > 0 && !a_rows) || (n_other > 0 && !b_rows))) ||
+      (which == 0 && n_edges > 0 && !s) || (which == 1 && ((n_edges > 0 && !g) || (n_rows > 0 && !drow))))
+    return 1;
+  const T slope = static_cast<T>(slope_d);
+  const int threads = n_edges * HD < (int64_t(1) << 18) ? 1 : std::max(1, nthreads);
+  const int64_t blocks = (n_rows + kRowBlock - 1) / kRowBlock;
+  std::unique_ptr<T[]> part;
+  if (which == 1 && dattn) {
+    part.reset(new (std::nothrow) T[std::max<int64_t>(blocks, 1) * HD]);
+    if (!part) return 3;
+  }
+  bool bad = false, failed = false;
+#pragma omp parallel num_threads(threads) reduction(|| : bad, failed)
+  {
+    std::unique_ptr<T[]> buf(new (std::nothrow) T[2 * HD]);
+    failed = !buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (failed || bad) continue;
+      T* z = buf.get();
+      T* acc_row = buf.get() + HD;
+      T* acc = part ? part.get() + b * HD : nullptr;
+      if (acc) std::fill(acc, acc + HD, T(0));
+      const int64_t end = std::min(n_rows, (b + 1) * kRowBlock);
+      for (int64_t r = b * kRowBlock; r < end && !bad; ++r) {
+        const int64_t p0 = indptr[r], p1 = indptr[r + 1];
+        if (bad_row(p0, p1, n_edges)) { bad = true; break; }
+        const T* ar = a_rows + r * HD;
+        if (which == 1) std::fill(acc_row, acc_row + HD, T(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t o = nbr[p], e = eid[p];
+          if (bad_edge(o, e, n_other, n_edges)) { bad = true; break; }
+          const T* br = b_rows + o * HD;
+#pragma omp simd
+          for (int64_t i = 0; i < HD; ++i) z[i] = ar[i] + br[i];
+          if (which == 0) {
+            for (int64_t h = 0; h < H; ++h) {
+              T sum = 0;
+              for (int64_t d = 0; d < D; ++d) {
+                const T x = z[h * D + d];
+                sum += attn[h * D + d] * (x * (x > 0 ? T(1) : slope));
+              }
+              s[e * H + h] = sum;
+            }
+          } else {
+            const T* ge = g + e * H;
+            for (int64_t h = 0; h < H; ++h) {
+              const T gh = ge[h];
+#pragma omp simd
+              for (int64_t d = 0; d < D; ++d) {
+                const T x = z[h * D + d];
+                const T m = x > 0 ? T(1) : slope;
+                acc_row[h * D + d] += gh * attn[h * D + d] * m;
+                if (acc) acc[h * D + d] += gh * (x * m);
+              }
+            }
+          }
+        }
+        if (which == 1 && !bad) std::copy(acc_row, acc_row + HD, drow + r * HD);
+      }
+    }
+  }
+  if (failed) return 3;
+  if (bad) return 2;
+  if (which == 1 && dattn) {
+    std::fill(dattn, dattn + HD, T(0));
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t i = 0; i < HD; ++i) dattn[i] += part[b * HD + i];
+  }
+  return 0;
+}
+}  // namespace
+
+#define GATX_GAT2_ENTRY(NAME, T)                                                                           \
+  extern "C" int NAME(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t D,  \
+                      const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows,     \
+                      const T* b_rows, const T* attn, double slope, const T* g, T* s, T* drow, T* dattn,  \
+                      int nthreads) {                                                                     \
+    try {                                                                                                 \
+      return gat2_score<T>(which, n_rows, n_other, n_edges, H, D, indptr, nbr, eid, a_rows, b_rows, attn, \
+                           slope, g, s, drow, dattn, nthreads);                                           \
+    } catch (const std::bad_alloc&) {                                                                     \
+      return 3;                                                                                           \
+    }                                                                                                     \
+  }
+
+GATX_GAT2_ENTRY(gatx_gat2_score_f32, float)
+GATX_GAT2_ENTRY(gatx_gat2_score_f64, double)
+
+extern "C" int gatx_fused_abi_version() { return 9; }

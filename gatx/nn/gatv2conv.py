@@ -23,6 +23,32 @@ def _on_kernel(pre: Tensor, attn: Tensor) -> bool:
             and fused.availability() is None)
 
 
+class _NodeScore(torch.autograd.Function):
+    """GATv2's per-edge scores ``(leaky_relu(fs[src] + fd[dst]) * attn).sum(-1)`` (E, H) from the node rows,
+    on the fused library (:func:`gatx.backends.fused.gat2_score`): no (E, H, D) pre-activations are made,
+    each pass gathers the other endpoint's row per edge (forward and fd's and attn's gradients over the
+    CSR, fs's over the CSC). A backward that builds a graph (``create_graph=True``) differentiates the
+    written-out form (the torch backend's ``gat_score``) recomputed from the inputs."""
+
+    @staticmethod
+    def forward(ctx, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, graph: Any) -> Tensor:
+        ctx.save_for_backward(fs, fd, attn)
+        ctx.slope, ctx.graph = slope, graph
+        return fused.gat2_score(graph, fs, fd, attn[0], slope)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        fs, fd, attn = ctx.saved_tensors
+        want = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            pre = ops.gat_score(ctx.graph, fs, fd, backend="torch")
+            s = (F.leaky_relu(pre, ctx.slope) * attn).sum(-1)
+            grads = iter(torch.autograd.grad(s, [t for t, w in zip((fs, fd, attn), want) if w], g, create_graph=True))
+            return tuple(next(grads) if w else None for w in want) + (None, None)
+        dfs, dfd, dattn = fused.gat2_score(ctx.graph, fs, fd, attn[0], ctx.slope, g, want)
+        return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, None, None
+
+
 class _LeakyScore(torch.autograd.Function):
     """GATv2's per-edge scores ``(leaky_relu(pre) * attn).sum(-1)`` (E, H) for ``pre`` (E, H, D) and ``attn``
     (1, H, D). Written out, the forward makes two (E, H, D) tensors (the LeakyReLU and the product before
@@ -204,13 +230,17 @@ class GATv2Conv(nn.Module):
         if edge_feat is not None:
             check_edge_feat(self, edge_feat, g, self._edge_feats, self.attn)
             ee = self.fc_edge(edge_feat).view(g.num_edges, H, D).repeat(1, S, 1)  # (E, S*H, D)
-        pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
         attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
         slope = self.leaky_relu.negative_slope
-        if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
-            s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
+        kernel = backend in (None, "fused") and not torch.compiler.is_compiling()
+        if kernel and ee is None and _on_kernel(feat_src, attn) and feat_dst.dtype == attn.dtype:
+            s = _NodeScore.apply(feat_src, feat_dst, attn, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
         else:
-            s = _LeakyScore.apply(pre, attn, slope, backend in (None, "fused"))  # (E, S*H)
+            pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
+            if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
+                s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
+            else:
+                s = _LeakyScore.apply(pre, attn, slope, kernel)  # (E, S*H)
         # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
         # given-logits score), else the backend's edge_softmax and aggregate, as written out
         res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,

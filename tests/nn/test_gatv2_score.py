@@ -142,3 +142,53 @@ def test_training_step_with_attention_dropout_matches_torch_backend(share_weight
     assert (results[None][1] == 0).any()  # dropout drew zeros
     for ours, ref in zip(results[None], results["torch"]):
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
+@pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
+@pytest.mark.parametrize("shape", [(7, 7), (9, 5), (4, 6)])
+def test_node_score_matches_written_out(slope, shape):
+    """The score from the node rows (no (E, H, D) pre-activations) on a bipartite graph with a node of no
+    in-edges and one of no out-edges: values and all three gradients as the written-out form, float64;
+    gradcheck and a double backward."""
+    from gatx.nn.gatv2conv import _NodeScore
+
+    ns, nd = shape
+    gen = torch.Generator().manual_seed(ns * 10 + nd)
+    src, dst = torch.randint(0, ns - 1, (40,), generator=gen), torch.randint(0, nd - 1, (40,), generator=gen)
+    g = gatx.Graph(src, dst, ns, nd)
+    fs = torch.randn(ns, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    fd = torch.randn(nd, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    attn = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    ours = _NodeScore.apply(fs, fd, attn, slope, g)
+    ref = written_out(fs[src] + fd[dst], attn, slope)
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
+    w = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, (fs, fd, attn), w), torch.autograd.grad(ref, (fs, fd, attn), w)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    fn = lambda s_, d_, a_: _NodeScore.apply(s_, d_, a_, slope, g)  # noqa: E731
+    assert gradcheck(fn, (fs, fd, attn))
+    assert gradgradcheck(fn, (fs, fd, attn))
+
+
+@pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
+@pytest.mark.parametrize("share_weights", [False, True])
+def test_layer_on_node_score_matches_torch_backend(share_weights):
+    """GATv2Conv without edge features takes the node-row score by default: outputs, attention and every
+    gradient as the torch backend's written-out layer (float64, a block-like bipartite graph too)."""
+    gen = torch.Generator().manual_seed(11)
+    for ns, nd in ((30, 30), (30, 12)):
+        src = torch.randint(0, ns, (200,), generator=gen)
+        dst = torch.cat([torch.arange(nd), torch.randint(0, nd, (200 - nd,), generator=gen)])
+        g = gatx.Graph(src, dst, ns, nd)
+        x = torch.randn(ns, 10, dtype=torch.float64, generator=gen)
+        feat = (x, x[:nd]) if ns != nd else x
+        results = {}
+        for backend in (None, "torch"):
+            torch.manual_seed(0)
+            layer = gatx.GATv2Conv(10, 4, 3, residual=True, share_weights=share_weights).double()
+            out, a = layer(g, feat, get_attention=True, backend=backend)
+            (out.square().sum() + a.square().sum()).backward()
+            results[backend] = [out, a] + [p.grad for p in layer.parameters()]
+        for ours, ref in zip(results[None], results["torch"]):
+            torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
