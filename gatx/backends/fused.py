@@ -14,9 +14,10 @@ the rules of :mod:`gatx.backends.fused_build` (private folder, atomic write, siz
 before loading); it is loaded with ctypes. Any failure to build or load becomes a reason, so gatx
 falls back to the other backends. The kernel checks its indices' bounds itself on every call.
 
-The library also runs GATv2's per-edge vector score (:func:`leaky_score`, used by ``GATv2Conv``): one
-pass over the (E, H, D) pre-activations each way, where written out the LeakyReLU, the product and
-their gradients make four (E, H, D) tensors.
+The library also runs GATv2's per-edge vector score for ``GATv2Conv``: from the node rows over the CSR
+and CSC, without (E, H, D) pre-activations (:func:`gat2_score`), or, with edge features, in one pass
+over given pre-activations each way (:func:`leaky_score`), where written out the LeakyReLU, the
+product and their gradients make four (E, H, D) tensors.
 
 Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
 ``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
@@ -62,8 +63,8 @@ _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
 _ABI = 9  # gatx_fused_abi_version() of the matching source
-__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "leaky_score", "load", "reasons",
-           "sparse_attention"]
+__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "gat2_score", "leaky_score", "load",
+           "reasons", "sparse_attention"]
 
 
 class _State:
@@ -83,11 +84,15 @@ def _declare(fn: Any) -> None:
                    dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
 
 
-def _declare_score(fn: Any) -> None:
-    """The argument types of the GATv2 score's entry points (see :func:`leaky_score`)."""
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn.restype = c_int
-    fn.argtypes = [c_int, i64, i64, i64, ptr, ptr, ctypes.c_double, ptr, ptr, ptr, ptr, c_int]
+def _declare_scores(lib: Any) -> None:
+    """The argument types of the GATv2 score's entry points (see :func:`leaky_score`, :func:`gat2_score`)."""
+    i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+    kinds = {"leaky_score": [c_int, i64, i64, i64, ptr, ptr, dbl, ptr, ptr, ptr, ptr, c_int],
+             "gat2_score": [c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr, ptr, c_int]}
+    for kind, argtypes in kinds.items():
+        for dtype in ("f32", "f64"):
+            fn = getattr(lib, f"gatx_{kind}_{dtype}")
+            fn.restype, fn.argtypes = c_int, argtypes
 
 
 def load() -> Any:
@@ -103,13 +108,7 @@ def load() -> Any:
                     raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
                 _declare(lib.gatx_fused_f32)
                 _declare(lib.gatx_fused_f64)
-                _declare_score(lib.gatx_leaky_score_f32)
-                _declare_score(lib.gatx_leaky_score_f64)
-                for fn in (lib.gatx_gat2_score_f32, lib.gatx_gat2_score_f64):
-                    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-                    fn.restype = c_int
-                    fn.argtypes = [c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr,
-                                   ptr, ptr, ptr, c_int]
+                _declare_scores(lib)
                 _state.lib = lib
             except Exception as err:  # noqa: BLE001 - every failure becomes a reason
                 _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"

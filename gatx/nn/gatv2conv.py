@@ -123,10 +123,12 @@ class GATv2Conv(nn.Module):
         bias: biases in ``fc_src``, ``fc_dst`` and ``res_fc`` (default True).
         share_weights: ``fc_dst`` is ``fc_src`` (default False).
         edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
-        backend: ``None``, ``"dgl"`` or ``"torch"``. GATv2's per-edge vector score is an (E, H, D)
-            ``gat_score`` (which the fused backend does not run: DGL's or torch's kernels); its softmax,
-            attention dropout and aggregation are one ``sparse_attention`` call with the scores as given
-            logits, which ``None`` runs on the fused CPU kernel where it is available.
+        backend: ``None``, ``"dgl"`` or ``"torch"``. With ``None`` on float32 / float64 CPU inputs and the
+            fused library available, the per-edge vector score is computed from the node rows without
+            (E, H, D) pre-activations (with edge features: from an (E, H, D) ``gat_score`` on DGL's or
+            torch's kernels, in one pass over it), and the softmax, attention dropout and aggregation are
+            one ``sparse_attention`` call with the scores as given logits (the fused kernel). Otherwise
+            the chosen backend's ``gat_score`` / ``edge_softmax`` / ``aggregate``.
 
     Shapes:
         - input: ``feat`` (N, *, in_feats) dense, (N, in_feats) sparse, or a pair
