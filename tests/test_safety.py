@@ -89,6 +89,13 @@ g = Graph(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
 g.csr().src.data[0] = 10**12
 x = torch.randn(4, 2, 3)
 attempt("bypass fused", lambda: (ops.sparse_attention(g, x, x, x, backend="fused"), "ran")[1])
+# the same for GATv2's node-row score: its forward over the CSR, its backward over the CSC
+import gatx
+layer = gatx.GATv2Conv(3, 2, 1)
+attempt("bypass gatv2", lambda: (layer(g, torch.randn(4, 3)), "ran")[1])
+h = Graph(torch.tensor([0, 1, 2, 3]), torch.tensor([1, 2, 3, 0]))
+h.csc().dst.data[0] = 10**12
+attempt("bypass gatv2-backward", lambda: (layer(h, torch.randn(4, 3, requires_grad=True)).sum().backward(), "ran")[1])
 print("done", flush=True)
 """
 
@@ -120,6 +127,10 @@ def test_cached_vision_graph_refuses_a_written_structure(probe):
 def test_fused_kernel_checks_bounds_itself(probe):
     """The kernel's own bounds check: an error, never a read out of bounds."""
     assert probe["bypass fused"] in ("refused True", "unavailable"), probe
+    from gatx.backends import fused
+
+    if fused.availability() is None:  # GATv2Conv's node-row score runs on the fused library then
+        assert probe["bypass gatv2"] == "refused True" and probe["bypass gatv2-backward"] == "refused True", probe
 
 
 @pytest.mark.parametrize("backend", [b for b in usable_backends() if b in ("torch", "fused", "dgl")])
