@@ -871,6 +871,15 @@ GATX_ENTRY(gatx_fused_f64, double)
 namespace {
 constexpr int64_t kScoreBlock = 2048;
 
+// out[i] = sum over the blocks b, in order, of part[b * n + i]: a sum that does not depend on which
+// thread ran which block
+template <typename T>
+void sum_blocks(T* out, const T* part, int64_t blocks, int64_t n) {
+  std::fill(out, out + n, T(0));
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t i = 0; i < n; ++i) out[i] += part[b * n + i];
+}
+
 template <typename T>
 int leaky_score(int which, int64_t E, int64_t H, int64_t D, const T* pre, const T* attn, double slope_d,
                 const T* g, T* s, T* dpre, T* dattn, int nthreads) {
@@ -942,11 +951,7 @@ int leaky_score(int which, int64_t E, int64_t H, int64_t D, const T* pre, const 
       }
     }
   }
-  if (dattn) {
-    std::fill(dattn, dattn + HD, T(0));
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t i = 0; i < HD; ++i) dattn[i] += part[b * HD + i];
-  }
+  if (dattn) sum_blocks(dattn, part.get(), blocks, HD);
   return 0;
 }
 }  // namespace
@@ -1049,11 +1054,7 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
   }
   if (failed) return 3;
   if (bad) return 2;
-  if (which == 1 && dattn) {
-    std::fill(dattn, dattn + HD, T(0));
-    for (int64_t b = 0; b < blocks; ++b)
-      for (int64_t i = 0; i < HD; ++i) dattn[i] += part[b * HD + i];
-  }
+  if (which == 1 && dattn) sum_blocks(dattn, part.get(), blocks, HD);
   return 0;
 }
 }  // namespace
