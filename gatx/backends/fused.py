@@ -14,10 +14,9 @@ the rules of :mod:`gatx.backends.fused_build` (private folder, atomic write, siz
 before loading); it is loaded with ctypes. Any failure to build or load becomes a reason, so gatx
 falls back to the other backends. The kernel checks its indices' bounds itself on every call.
 
-The library also runs GATv2's per-edge vector score for ``GATv2Conv``: from the node rows over the CSR
-and CSC, without (E, H, D) pre-activations (:func:`gat2_score`), or, with edge features, in one pass
-over given pre-activations each way (:func:`leaky_score`), where written out the LeakyReLU, the
-product and their gradients make four (E, H, D) tensors.
+The library also runs GATv2's per-edge vector score for ``GATv2Conv`` from the node rows (and the edge
+features' term, when given) over the CSR and CSC, without the (E, H, D) pre-activations that written
+out make four (E, H, D) tensors with the LeakyReLU, the product and their gradients (:func:`gat2_score`).
 
 Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
 ``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
@@ -62,9 +61,9 @@ _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
-_ABI = 9  # gatx_fused_abi_version() of the matching source
-__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "gat2_score", "leaky_score", "load",
-           "reasons", "sparse_attention"]
+_ABI = 10  # gatx_fused_abi_version() of the matching source
+__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "gat2_score", "load", "reasons",
+           "sparse_attention"]
 
 
 class _State:
@@ -84,15 +83,12 @@ def _declare(fn: Any) -> None:
                    dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
 
 
-def _declare_scores(lib: Any) -> None:
-    """The argument types of the GATv2 score's entry points (see :func:`leaky_score`, :func:`gat2_score`)."""
-    i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-    kinds = {"leaky_score": [c_int, i64, i64, i64, ptr, ptr, dbl, ptr, ptr, ptr, ptr, c_int],
-             "gat2_score": [c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, dbl, ptr, ptr, ptr, ptr, c_int]}
-    for kind, argtypes in kinds.items():
-        for dtype in ("f32", "f64"):
-            fn = getattr(lib, f"gatx_{kind}_{dtype}")
-            fn.restype, fn.argtypes = c_int, argtypes
+def _declare_score(fn: Any) -> None:
+    """The argument types of GATv2's score entry points (see :func:`gat2_score`)."""
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.restype = c_int
+    fn.argtypes = [c_int, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_double, ptr, ptr,
+                   ptr, ptr, ptr, c_int]
 
 
 def load() -> Any:
@@ -108,7 +104,8 @@ def load() -> Any:
                     raise OSError("stale fused_attention library (ABI version mismatch); clear the gatx cache")
                 _declare(lib.gatx_fused_f32)
                 _declare(lib.gatx_fused_f64)
-                _declare_scores(lib)
+                _declare_score(lib.gatx_gat2_score_f32)
+                _declare_score(lib.gatx_gat2_score_f64)
                 _state.lib = lib
             except Exception as err:  # noqa: BLE001 - every failure becomes a reason
                 _state.error = f"the fused CPU kernel is unavailable: {type(err).__name__}: {err}"
@@ -186,60 +183,34 @@ def _shared_values(q: Tensor, v: Tensor) -> bool:
     return v.shape[1] == 1 and q.shape[1] != 1
 
 
-def leaky_score(pre: Tensor, attn: Tensor, slope: float, g: Tensor | None = None, need_pre: bool = False,
-                need_attn: bool = False) -> Any:
-    """GATv2's edge scores ``(leaky_relu(pre, slope) * attn).sum(-1)`` (E, H) for a float32 / float64 ``pre``
-    (E, H, D) and ``attn`` (H, D) of its dtype, in one pass over pre; with ``g`` (dL/ds, (E, H)) instead,
-    the backward: (dpre (E, H, D) or None, dattn (H, D) or None), again one pass over pre."""
-    lib = load()
-    fn = lib.gatx_leaky_score_f32 if pre.dtype == torch.float32 else lib.gatx_leaky_score_f64
-    pre, attn = pre.contiguous(), attn.contiguous()
-    E, H, D = pre.shape
-    if attn.shape != (H, D) or attn.dtype != pre.dtype or pre.dtype not in _DTYPES:
-        raise ValueError(f"leaky_score needs float32 / float64 pre (E, H, D) and attn (H, D) of its dtype, got "
-                         f"{tuple(pre.shape)} {pre.dtype} and {tuple(attn.shape)} {attn.dtype}")
-    threads = torch.get_num_threads()
-    if g is None:
-        s = pre.new_empty((E, H))
-        rc = fn(0, E, H, D, _ptr(pre), _ptr(attn), slope, None, _ptr(s), None, None, threads)
-        res: Any = s
-    else:
-        g = g.to(pre.dtype).contiguous()
-        if g.shape != (E, H):
-            raise ValueError(f"leaky_score's gradient must have shape {(E, H)}, got {tuple(g.shape)}")
-        dpre = torch.empty_like(pre) if need_pre else None
-        dattn = attn.new_empty((H, D)) if need_attn else None
-        rc = fn(1, E, H, D, _ptr(pre), _ptr(attn), slope, _ptr(g), None, _ptr(dpre), _ptr(dattn), threads)
-        res = (dpre, dattn)
-    if rc == 3:
-        raise MemoryError("the fused kernel could not allocate its partial sums")
-    assert rc == 0, f"leaky_score kernel returned {rc}"
-    return res
-
-
-def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, g: Tensor | None = None,
-               need: tuple[bool, bool, bool] = (False, False, False)) -> Any:
-    """GATv2's edge scores from the node rows, ``(leaky_relu(fs[src] + fd[dst], slope) * attn).sum(-1)`` (E, H),
-    for float32 / float64 ``fs`` (num_src, H, D), ``fd`` (num_dst, H, D) and ``attn`` (H, D) of one dtype,
-    without making the (E, H, D) pre-activations: one pass over the graph's CSR. With ``g`` (dL/ds, (E, H))
-    instead, the backward (dfs, dfd, dattn), each computed when ``need`` asks for it: dfd and dattn from
-    one pass over the CSR, dfs from one over the CSC."""
+def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, ee: Tensor | None = None,
+               g: Tensor | None = None, need: tuple[bool, ...] = (False,) * 4) -> Any:
+    """GATv2's edge scores from the node rows, ``(leaky_relu(fs[src] + fd[dst] (+ ee), slope) * attn).sum(-1)``
+    (E, H), for float32 / float64 ``fs`` (num_src, H, D), ``fd`` (num_dst, H, D), an optional per-edge term
+    ``ee`` (E, H, D) (edge features) and ``attn`` (H, D) of one dtype, without making the (E, H, D)
+    pre-activations: one pass over the graph's CSR. With ``g`` (dL/ds, (E, H)) instead, the backward
+    (dfs, dfd, dattn, dee), each computed when ``need`` asks for it (None otherwise): dfd, dattn and dee
+    from one pass over the CSR, dfs from one over the CSC."""
     lib = load()
     fn = lib.gatx_gat2_score_f32 if fs.dtype == torch.float32 else lib.gatx_gat2_score_f64
     fs, fd, attn = fs.contiguous(), fd.contiguous(), attn.contiguous()
+    ee = ee.contiguous() if ee is not None else None
     H, D = attn.shape
     ns, nd, E = graph.num_src, graph.num_dst, graph.num_edges
-    if (fs.shape != (ns, H, D) or fd.shape != (nd, H, D) or len({fs.dtype, fd.dtype, attn.dtype}) != 1
-            or fs.dtype not in _DTYPES):
-        raise ValueError(f"gat2_score needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D) and attn (H, D) "
-                         f"of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, {tuple(attn.shape)}")
+    dtypes = {t.dtype for t in (fs, fd, attn, ee) if t is not None}
+    if (fs.shape != (ns, H, D) or fd.shape != (nd, H, D) or (ee is not None and ee.shape != (E, H, D))
+            or len(dtypes) != 1 or fs.dtype not in _DTYPES):
+        raise ValueError(f"gat2_score needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D), ee (E, H, D) "
+                         f"and attn (H, D) of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, "
+                         f"{tuple(ee.shape) if ee is not None else None}, {tuple(attn.shape)}")
     threads = torch.get_num_threads()
     csr = graph.csr()
 
     def call(which: int, rows: tuple[Tensor, Tensor, Tensor], n_rows: int, n_other: int, a: Tensor, b: Tensor,
              **out: Tensor | None) -> None:
         rc = fn(which, n_rows, n_other, E, H, D, _ptr(rows[0]), _ptr(rows[1]), _ptr(rows[2]), _ptr(a), _ptr(b),
-                _ptr(attn), slope, _ptr(g), _ptr(out.get("s")), _ptr(out.get("drow")), _ptr(out.get("dattn")), threads)
+                _ptr(ee), _ptr(attn), slope, _ptr(g), _ptr(out.get("s")), _ptr(out.get("drow")),
+                _ptr(out.get("dedge")), _ptr(out.get("dattn")), threads)
         if rc == 2:
             raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                              "through .data or numpy after the Graph was built?); build a new Graph")
@@ -255,16 +226,18 @@ def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float,
     g = g.to(fs.dtype).contiguous()
     if g.shape != (E, H):
         raise ValueError(f"gat2_score's gradient must have shape {(E, H)}, got {tuple(g.shape)}")
-    dfs = dfd = dattn = None
-    if need[1] or need[2]:
+    need_fs, need_fd, need_attn, need_ee = (tuple(need) + (False,) * 4)[:4]
+    dfs = dfd = dattn = dee = None
+    if need_fd or need_attn or (need_ee and ee is not None):
         dfd = torch.empty_like(fd)
-        dattn = attn.new_empty((H, D)) if need[2] else None
-        call(1, by_dst, nd, ns, fd, fs, drow=dfd, dattn=dattn)
-    if need[0]:
+        dattn = attn.new_empty((H, D)) if need_attn else None
+        dee = torch.empty_like(ee) if need_ee and ee is not None else None
+        call(1, by_dst, nd, ns, fd, fs, drow=dfd, dattn=dattn, dedge=dee)
+    if need_fs:
         c = graph.csc()
         dfs = torch.empty_like(fs)
         call(1, (c.indptr, c.dst, c.perm), ns, nd, fs, fd, drow=dfs)
-    return dfs, dfd if need[1] else None, dattn
+    return dfs, dfd if need_fd else None, dattn, dee
 
 
 def _ptr(t: Tensor | None) -> int | None:

@@ -860,16 +860,17 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
 GATX_ENTRY(gatx_fused_f32, float)
 GATX_ENTRY(gatx_fused_f64, double)
 
-// GATv2's edge score (gatx/nn/gatv2conv.py), rows e of a contiguous pre (E, H, D):
-//   s[e,h] = sum_d attn[h,d] * lrelu(pre[e,h,d]),  lrelu(z) = z > 0 ? z : slope * z
-// and its backward from g = dL/ds (E, H):
-//   dpre[e,h,d] = g[e,h] * attn[h,d] * (pre > 0 ? 1 : slope),  dattn[h,d] = sum_e g[e,h] * lrelu(pre[e,h,d])
-// One pass over pre each way (nothing else of (E, H, D) is read or written). dattn sums rows in fixed
-// blocks of kScoreBlock (each block in row order, then the blocks in order): the same sums for any
-// thread count. which: 0 forward (s), 1 backward (dpre and / or dattn, each optional). Returns 0, or 1
-// for bad arguments, 3 when the partial sums cannot be allocated.
+// GATv2's edge score (gatx/nn/gatv2conv.py) straight from the node rows, without (E, H, D)
+// pre-activations: over the rows of a CSR (indptr, nbr, eid; a row r and the other endpoint o = nbr[p]
+// of its edge e = eid[p]), with an optional per-edge term (edge features, e_rows (E, H, D)),
+//   z = a_rows[r] + b_rows[o] (+ e_rows[e])  (H, D),  s[e,h] = sum_d attn[h,d] * lrelu(z[h,d])
+// which 0: s (rows are dst nodes, a = fd, b = fs). which 1: from g = dL/ds, with t = g[e,h] * attn[h,d]
+// * lrelu'(z): drow[r] = sum over the row's edges of t (the dst pass gives dfd, the src pass over the
+// CSC dfs), dedge[e] = t when given, and dattn[h,d] = sum_e g[e,h] * lrelu(z) when given, summed in
+// fixed blocks of rows in order (the same bits for any thread count).
+// Every row's offsets and every edge's ids are checked before use: 2 when one is out of range.
 namespace {
-constexpr int64_t kScoreBlock = 2048;
+constexpr int64_t kRowBlock = 256;
 
 // out[i] = sum over the blocks b, in order, of part[b * n + i]: a sum that does not depend on which
 // thread ran which block
@@ -881,115 +882,14 @@ void sum_blocks(T* out, const T* part, int64_t blocks, int64_t n) {
 }
 
 template <typename T>
-int leaky_score(int which, int64_t E, int64_t H, int64_t D, const T* pre, const T* attn, double slope_d,
-                const T* g, T* s, T* dpre, T* dattn, int nthreads) {
-  if (E < 0 || H < 0 || D < 0 || (E > 0 && H > 0 && D > 0 && (!pre || !attn))) return 1;
-  if ((which == 0 && E * H > 0 && !s) || (which == 1 && E * H > 0 && !g) || which < 0 || which > 1) return 1;
-  const int64_t HD = H * D;
-  if (E == 0 || HD == 0) {
-    if (which == 1 && dattn) std::fill(dattn, dattn + HD, T(0));
-    return 0;
-  }
-  const T slope = static_cast<T>(slope_d);
-  const int threads = E * HD < (int64_t(1) << 18) ? 1 : std::max(1, nthreads);
-  const int64_t blocks = (E + kScoreBlock - 1) / kScoreBlock;
-  if (which == 0) {
-    // a row's terms first, as one select-and-multiply loop over its H*D values (vectorised; a branch per
-    // value, as a reduction with the conditional inside compiled, mispredicts on mixed signs: 3x slower),
-    // then each head's D terms summed in order
-    bool failed = false;
-#pragma omp parallel num_threads(threads) reduction(|| : failed)
-    {
-      std::unique_ptr<T[]> terms(new (std::nothrow) T[HD]);
-      failed = !terms;
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t b = 0; b < blocks; ++b) {
-        if (failed) continue;
-        T* t = terms.get();
-        const int64_t end = std::min(E, (b + 1) * kScoreBlock);
-        for (int64_t e = b * kScoreBlock; e < end; ++e) {
-          const T* z = pre + e * HD;
-#pragma omp simd
-          for (int64_t i = 0; i < HD; ++i) t[i] = attn[i] * (z[i] * (z[i] > 0 ? T(1) : slope));
-          for (int64_t h = 0; h < H; ++h) {
-            T acc = 0;
-            for (int64_t d = 0; d < D; ++d) acc += t[h * D + d];
-            s[e * H + h] = acc;
-          }
-        }
-      }
-    }
-    return failed ? 3 : 0;
-  }
-  std::unique_ptr<T[]> part;
-  if (dattn) {
-    part.reset(new (std::nothrow) T[blocks * HD]);
-    if (!part) return 3;
-  }
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t end = std::min(E, (b + 1) * kScoreBlock);
-    T* acc = dattn ? part.get() + b * HD : nullptr;
-    if (acc) std::fill(acc, acc + HD, T(0));
-    for (int64_t e = b * kScoreBlock; e < end; ++e) {
-      const T* z = pre + e * HD;
-      const T* ge = g + e * H;
-      for (int64_t h = 0; h < H; ++h) {
-        const T gh = ge[h];
-        if (dpre) {
-          T* out = dpre + e * HD + h * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) out[d] = gh * attn[h * D + d] * (z[h * D + d] > 0 ? T(1) : slope);
-        }
-        if (acc) {
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) {
-            const T x = z[h * D + d];
-            acc[h * D + d] += gh * (x * (x > 0 ? T(1) : slope));
-          }
-        }
-      }
-    }
-  }
-  if (dattn) sum_blocks(dattn, part.get(), blocks, HD);
-  return 0;
-}
-}  // namespace
-
-#define GATX_SCORE_ENTRY(NAME, T)                                                                          \
-  extern "C" int NAME(int which, int64_t E, int64_t H, int64_t D, const T* pre, const T* attn, double slope, \
-                      const T* g, T* s, T* dpre, T* dattn, int nthreads) {                                \
-    try {                                                                                                 \
-      return leaky_score<T>(which, E, H, D, pre, attn, slope, g, s, dpre, dattn, nthreads);               \
-    } catch (const std::bad_alloc&) {                                                                     \
-      return 3;                                                                                           \
-    }                                                                                                     \
-  }
-
-GATX_SCORE_ENTRY(gatx_leaky_score_f32, float)
-GATX_SCORE_ENTRY(gatx_leaky_score_f64, double)
-
-// GATv2's edge score straight from the node rows, without the (E, H, D) pre-activations: over the rows
-// of a CSR (indptr, nbr, eid; a row r and the other endpoint o = nbr[p] of its edge eid[p]),
-//   z = a_rows[r] + b_rows[o]  (H, D),  s[eid,h] = sum_d attn[h,d] * lrelu(z[h,d])
-// which 0: s (rows are dst nodes, a = fd, b = fs). which 1: from g = dL/ds, drow[r] = sum over the row's
-// edges of g[eid,h] * attn[h,d] * lrelu'(z) (the dst pass gives dfd, the src pass over the CSC dfs) and,
-// when dattn is given, dattn[h,d] = sum_e g[eid,h] * lrelu(z), summed in fixed blocks of rows in order.
-// Every row's offsets and every edge's ids are checked before use: 2 when one is out of range.
-namespace {
-constexpr int64_t kRowBlock = 256;
-
-template <typename T>
 int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t D,
                const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows, const T* b_rows,
-               const T* attn, double slope_d, const T* g, T* s, T* drow, T* dattn, int nthreads) {
+               const T* e_rows, const T* attn, double slope_d, const T* g, T* s, T* drow, T* dedge, T* dattn,
+               int nthreads) {
   const int64_t HD = H * D;
   if (which < 0 || which > 1 || n_rows < 0 || n_other < 0 || n_edges < 0 || H < 0 || D < 0 || !indptr) return 1;
   if (indptr[0] != 0 || indptr[n_rows] != n_edges) return 2;
-  if (HD == 0) {
-    if (dattn) std::fill(dattn, dattn + HD, T(0));
-    return 0;
-  }
+  if (HD == 0) return 0;  // nothing to read or write
   if ((n_edges > 0 && (!nbr || !eid || !attn || (n_rows > 0 && !a_rows) || (n_other > 0 && !b_rows))) ||
       (which == 0 && n_edges > 0 && !s) || (which == 1 && ((n_edges > 0 && !g) || (n_rows > 0 && !drow))))
     return 1;
@@ -1025,6 +925,11 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
           const T* br = b_rows + o * HD;
 #pragma omp simd
           for (int64_t i = 0; i < HD; ++i) z[i] = ar[i] + br[i];
+          if (e_rows) {
+            const T* er = e_rows + e * HD;
+#pragma omp simd
+            for (int64_t i = 0; i < HD; ++i) z[i] += er[i];
+          }
           if (which == 0) {
             for (int64_t h = 0; h < H; ++h) {
               T sum = 0;
@@ -1036,13 +941,16 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
             }
           } else {
             const T* ge = g + e * H;
+            T* de = dedge ? dedge + e * HD : nullptr;
             for (int64_t h = 0; h < H; ++h) {
               const T gh = ge[h];
 #pragma omp simd
               for (int64_t d = 0; d < D; ++d) {
                 const T x = z[h * D + d];
                 const T m = x > 0 ? T(1) : slope;
-                acc_row[h * D + d] += gh * attn[h * D + d] * m;
+                const T t = gh * attn[h * D + d] * m;
+                acc_row[h * D + d] += t;
+                if (de) de[h * D + d] = t;
                 if (acc) acc[h * D + d] += gh * (x * m);
               }
             }
@@ -1062,11 +970,11 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
 #define GATX_GAT2_ENTRY(NAME, T)                                                                           \
   extern "C" int NAME(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t D,  \
                       const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows,     \
-                      const T* b_rows, const T* attn, double slope, const T* g, T* s, T* drow, T* dattn,  \
-                      int nthreads) {                                                                     \
+                      const T* b_rows, const T* e_rows, const T* attn, double slope, const T* g, T* s,    \
+                      T* drow, T* dedge, T* dattn, int nthreads) {                                        \
     try {                                                                                                 \
-      return gat2_score<T>(which, n_rows, n_other, n_edges, H, D, indptr, nbr, eid, a_rows, b_rows, attn, \
-                           slope, g, s, drow, dattn, nthreads);                                           \
+      return gat2_score<T>(which, n_rows, n_other, n_edges, H, D, indptr, nbr, eid, a_rows, b_rows,       \
+                           e_rows, attn, slope, g, s, drow, dedge, dattn, nthreads);                      \
     } catch (const std::bad_alloc&) {                                                                     \
       return 3;                                                                                           \
     }                                                                                                     \
@@ -1075,4 +983,4 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
 GATX_GAT2_ENTRY(gatx_gat2_score_f32, float)
 GATX_GAT2_ENTRY(gatx_gat2_score_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 9; }
+extern "C" int gatx_fused_abi_version() { return 10; }

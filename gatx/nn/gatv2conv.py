@@ -16,64 +16,62 @@ from .._amp import autocast_off
 from ._utils import _diag_blocks, flat, head_blocks, linear, small_product
 
 
-def _on_kernel(pre: Tensor, attn: Tensor) -> bool:
+def _on_kernel(*tensors: Tensor | None) -> bool:
     """Whether the fused CPU library runs GATv2's score for these inputs (float32 / float64 on the CPU, one
     dtype, the library built and loaded)."""
-    return (pre.device.type == "cpu" and pre.dtype == attn.dtype and pre.dtype in fused._DTYPES
+    given = [t for t in tensors if t is not None]
+    dtypes = {t.dtype for t in given}
+    return (all(t.device.type == "cpu" for t in given) and len(dtypes) == 1 and dtypes <= set(fused._DTYPES)
             and fused.availability() is None)
 
 
 class _NodeScore(torch.autograd.Function):
-    """GATv2's per-edge scores ``(leaky_relu(fs[src] + fd[dst]) * attn).sum(-1)`` (E, H) from the node rows,
-    on the fused library (:func:`gatx.backends.fused.gat2_score`): no (E, H, D) pre-activations are made,
-    each pass gathers the other endpoint's row per edge (forward and fd's and attn's gradients over the
-    CSR, fs's over the CSC). A backward that builds a graph (``create_graph=True``) differentiates the
-    written-out form (the torch backend's ``gat_score``) recomputed from the inputs."""
+    """GATv2's per-edge scores ``(leaky_relu(fs[src] + fd[dst] (+ ee)) * attn).sum(-1)`` (E, H) from the node
+    rows and an optional per-edge term ``ee`` (E, H, D) (edge features), on the fused library
+    (:func:`gatx.backends.fused.gat2_score`): no (E, H, D) pre-activations are made (written out, the sum,
+    the LeakyReLU, the product and their gradients make five such tensors, 537 MB each at 100k nodes,
+    2.1M edges, 8 x 8 heads); each pass gathers the other endpoint's row per edge (forward and fd's,
+    attn's and ee's gradients over the CSR, fs's over the CSC). A backward that builds a graph
+    (``create_graph=True``) differentiates the written-out form recomputed from the inputs."""
 
     @staticmethod
-    def forward(ctx, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, graph: Any) -> Tensor:
-        ctx.save_for_backward(fs, fd, attn)
+    def forward(ctx, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float, graph: Any) -> Tensor:
+        ctx.save_for_backward(fs, fd, attn, ee)
         ctx.slope, ctx.graph = slope, graph
-        return fused.gat2_score(graph, fs, fd, attn[0], slope)
+        return fused.gat2_score(graph, fs, fd, attn[0], slope, ee)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        fs, fd, attn = ctx.saved_tensors
-        want = ctx.needs_input_grad[:3]
+        fs, fd, attn, ee = ctx.saved_tensors
+        want = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
-            pre = ops.gat_score(ctx.graph, fs, fd, backend="torch")
+            pre = ops.gat_score(ctx.graph, fs, fd, ee, backend="torch")
             s = (F.leaky_relu(pre, ctx.slope) * attn).sum(-1)
-            grads = iter(torch.autograd.grad(s, [t for t, w in zip((fs, fd, attn), want) if w], g, create_graph=True))
+            inputs = (fs, fd, attn, ee)
+            grads = iter(torch.autograd.grad(s, [t for t, w in zip(inputs, want) if w], g, create_graph=True))
             return tuple(next(grads) if w else None for w in want) + (None, None)
-        dfs, dfd, dattn = fused.gat2_score(ctx.graph, fs, fd, attn[0], ctx.slope, g, want)
-        return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, None, None
+        dfs, dfd, dattn, dee = fused.gat2_score(ctx.graph, fs, fd, attn[0], ctx.slope, ee, g, want)
+        return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, dee, None, None
 
 
 class _LeakyScore(torch.autograd.Function):
     """GATv2's per-edge scores ``(leaky_relu(pre) * attn).sum(-1)`` (E, H) for ``pre`` (E, H, D) and ``attn``
-    (1, H, D). Written out, the forward makes two (E, H, D) tensors (the LeakyReLU and the product before
-    its sum) and the backward two more (100k nodes, 2.1M edges, 8 x 8 heads: 537 MB each).
-
-    With ``kernel`` (the layer's backend None or "fused") on float32 / float64 CPU inputs, the fused
-    library's ``leaky_score`` reads pre once each way and keeps nothing else (:func:`gatx.backends.fused.
-    leaky_score`). Otherwise the sum over D is one (E, H*D) x (H*D, H) product with ``attn``'s
-    block-diagonal matrix, and the backward one product for pre's gradient (the LeakyReLU's backward in
-    place on it) and a small one for attn's; that path saves what autograd would (pre, the LeakyReLU).
-    A backward that builds a graph (``create_graph=True``) differentiates the written-out form
-    recomputed from the inputs."""
+    (1, H, D), where :class:`_NodeScore` does not run (half precision, other devices and backends): the
+    sum over D is one (E, H*D) x (H*D, H) product with ``attn``'s block-diagonal matrix, and the backward
+    one product for pre's gradient (the LeakyReLU's backward in place on it) and a small one for attn's.
+    Written out, the forward makes the (E, H, D) product before its sum and the backward two more. Saves
+    what autograd would (pre, the LeakyReLU). A backward that builds a graph (``create_graph=True``)
+    differentiates the written-out form recomputed from the inputs."""
 
     @staticmethod
-    def forward(ctx, pre: Tensor, attn: Tensor, slope: float, kernel: bool = False) -> Tensor:
+    def forward(ctx, pre: Tensor, attn: Tensor, slope: float) -> Tensor:
         E, H, D = pre.shape
-        ctx.slope = slope
-        if kernel and _on_kernel(pre, attn):  # one pass over pre; the backward another, nothing else of (E, H, D) kept
-            ctx.save_for_backward(pre, attn, None)
-            return fused.leaky_score(pre, attn[0], slope)
         dtype = torch.promote_types(pre.dtype, attn.dtype)  # the written-out product's dtype (autocast: float32)
         with autocast_off(pre.device.type):
             lr = F.leaky_relu(pre, slope).to(dtype).reshape(E, H * D)  # (E, H*D)
             s = lr @ head_blocks(attn.to(dtype))  # (E, H)
         ctx.save_for_backward(pre, attn, lr)
+        ctx.slope = slope
         return s
 
     @staticmethod
@@ -85,11 +83,8 @@ class _LeakyScore(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)
             grads = iter(torch.autograd.grad(s, [t for t, w in zip((pre, attn), want) if w], g, create_graph=True))
-            return tuple(next(grads) if w else None for w in want) + (None, None)
+            return tuple(next(grads) if w else None for w in want) + (None,)
         g_pre = g_attn = None
-        if lr is None:  # the fused kernel's pass
-            g_pre, g_attn = fused.leaky_score(pre, attn[0], slope, g, want[0], want[1])
-            return g_pre, g_attn.unsqueeze(0) if g_attn is not None else None, None, None
         with autocast_off(pre.device.type):
             g = g.to(lr.dtype)
             if want[0]:
@@ -98,7 +93,7 @@ class _LeakyScore(torch.autograd.Function):
                 g_pre = g_pre.to(pre.dtype)
             if want[1]:
                 g_attn = _diag_blocks(small_product(g.t(), lr), H).to(attn.dtype)  # (1, H, D)
-        return g_pre, g_attn, None, None
+        return g_pre, g_attn, None
 
 
 class GATv2Conv(nn.Module):
@@ -124,11 +119,10 @@ class GATv2Conv(nn.Module):
         share_weights: ``fc_dst`` is ``fc_src`` (default False).
         edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
         backend: ``None``, ``"dgl"`` or ``"torch"``. With ``None`` on float32 / float64 CPU inputs and the
-            fused library available, the per-edge vector score is computed from the node rows without
-            (E, H, D) pre-activations (with edge features: from an (E, H, D) ``gat_score`` on DGL's or
-            torch's kernels, in one pass over it), and the softmax, attention dropout and aggregation are
-            one ``sparse_attention`` call with the scores as given logits (the fused kernel). Otherwise
-            the chosen backend's ``gat_score`` / ``edge_softmax`` / ``aggregate``.
+            fused library available, the per-edge vector score is computed from the node rows (and the
+            edge features' term) without (E, H, D) pre-activations, and the softmax, attention dropout
+            and aggregation are one ``sparse_attention`` call with the scores as given logits (the fused
+            kernel). Otherwise the chosen backend's ``gat_score`` / ``edge_softmax`` / ``aggregate``.
 
     Shapes:
         - input: ``feat`` (N, *, in_feats) dense, (N, in_feats) sparse, or a pair
@@ -234,15 +228,14 @@ class GATv2Conv(nn.Module):
             ee = self.fc_edge(edge_feat).view(g.num_edges, H, D).repeat(1, S, 1)  # (E, S*H, D)
         attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
         slope = self.leaky_relu.negative_slope
-        kernel = backend in (None, "fused") and not torch.compiler.is_compiling()
-        if kernel and ee is None and _on_kernel(feat_src, attn) and feat_dst.dtype == attn.dtype:
-            s = _NodeScore.apply(feat_src, feat_dst, attn, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
+        if backend in (None, "fused") and not torch.compiler.is_compiling() and _on_kernel(feat_src, feat_dst, attn, ee):
+            s = _NodeScore.apply(feat_src, feat_dst, attn, ee, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
         else:
             pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
             if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
                 s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
             else:
-                s = _LeakyScore.apply(pre, attn, slope, kernel)  # (E, S*H)
+                s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
         # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
         # given-logits score), else the backend's edge_softmax and aggregate, as written out
         res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,

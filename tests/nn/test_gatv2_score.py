@@ -13,50 +13,44 @@ from gatx.backends import fused
 from gatx.nn.gatv2conv import _LeakyScore
 
 
-def written_out(pre, attn, slope, kernel=False):
+def written_out(pre, attn, slope):
     return (F.leaky_relu(pre, slope) * attn).sum(-1)
 
 
-KERNELS = [False, True] if fused.availability() is None else [False]
-
-
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3, 1.5])
-def test_gradcheck_and_double_backward(slope, kernel):
+def test_gradcheck_and_double_backward(slope):
     gen = torch.Generator().manual_seed(0)
     pre = torch.randn(30, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     attn = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    fn = lambda p, a: _LeakyScore.apply(p, a, slope, kernel)  # noqa: E731
+    fn = lambda p, a: _LeakyScore.apply(p, a, slope)  # noqa: E731
     assert gradcheck(fn, (pre, attn))
     assert gradgradcheck(fn, (pre, attn))
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
-def test_matches_written_out(slope, layout, kernel):
+def test_matches_written_out(slope, layout):
     gen = torch.Generator().manual_seed(1)
     pre = torch.randn(50, 2, 8, dtype=torch.float64, generator=gen)
     if layout == "strided":
         pre = torch.randn(2, 50, 8, dtype=torch.float64, generator=gen).transpose(0, 1)
     pre.requires_grad_()
     attn = torch.randn(1, 2, 8, dtype=torch.float64, generator=gen, requires_grad=True)
-    ours, ref = _LeakyScore.apply(pre, attn, slope, kernel), written_out(pre, attn, slope)
+    ours, ref = _LeakyScore.apply(pre, attn, slope), written_out(pre, attn, slope)
     torch.testing.assert_close(ours, ref, rtol=1e-14, atol=1e-14)
     g = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, (pre, attn), g), torch.autograd.grad(ref, (pre, attn), g)):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
-def test_one_input_needs_grad_and_empty(kernel):
+def test_one_input_needs_grad_and_empty():
     pre = torch.randn(10, 2, 4, requires_grad=True)
-    assert torch.autograd.grad(_LeakyScore.apply(pre, torch.randn(1, 2, 4), 0.2, kernel).sum(), pre)[0].shape == pre.shape
+    assert torch.autograd.grad(_LeakyScore.apply(pre, torch.randn(1, 2, 4), 0.2).sum(), pre)[0].shape == pre.shape
     attn = torch.randn(1, 2, 4, requires_grad=True)
-    (g,) = torch.autograd.grad(_LeakyScore.apply(torch.randn(10, 2, 4), attn, 0.2, kernel).sum(), attn)
+    (g,) = torch.autograd.grad(_LeakyScore.apply(torch.randn(10, 2, 4), attn, 0.2).sum(), attn)
     assert g.shape == attn.shape
     empty = torch.randn(0, 2, 4, requires_grad=True)
-    s = _LeakyScore.apply(empty, attn, 0.2, kernel)
+    s = _LeakyScore.apply(empty, attn, 0.2)
     s.sum().backward()
     assert s.shape == (0, 2) and empty.grad.shape == (0, 2, 4) and (attn.grad == 0).all()
 
@@ -66,20 +60,22 @@ def test_kernel_sums_the_same_for_any_thread_count():
     """attn's gradient sums fixed blocks of rows in a fixed order: the same bits on 1 and 2 threads, and
     non-finite values pass through as written out (NaN stays NaN)."""
     gen = torch.Generator().manual_seed(5)
-    pre = torch.randn(9000, 4, 8, generator=gen)
-    attn = torch.randn(4, 8, generator=gen)
+    src, dst = torch.randint(0, 3000, (9000,), generator=gen), torch.randint(0, 3000, (9000,), generator=gen)
+    graph = gatx.Graph(src, dst, 3000, 3000)
+    fs, fd = torch.randn(3000, 4, 8, generator=gen), torch.randn(3000, 4, 8, generator=gen)
+    ee, attn = torch.randn(9000, 4, 8, generator=gen), torch.randn(4, 8, generator=gen)
     g = torch.randn(9000, 4, generator=gen)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = fused.leaky_score(pre, attn, 0.2, g, True, True)
+        one = fused.gat2_score(graph, fs, fd, attn, 0.2, ee, g, (True,) * 4)
         torch.set_num_threads(2)
-        two = fused.leaky_score(pre, attn, 0.2, g, True, True)
+        two = fused.gat2_score(graph, fs, fd, attn, 0.2, ee, g, (True,) * 4)
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
-    pre[3, 1, 2] = float("nan")
-    s = fused.leaky_score(pre, attn, 0.2)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    ee[3, 1, 2] = float("nan")
+    s = fused.gat2_score(graph, fs, fd, attn, 0.2, ee)
     assert s[3, 1].isnan() and s.isnan().sum() == 1
 
 
@@ -145,9 +141,10 @@ def test_training_step_with_attention_dropout_matches_torch_backend(share_weight
 
 
 @pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
+@pytest.mark.parametrize("edge_term", [False, True])
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("shape", [(7, 7), (9, 5), (4, 6)])
-def test_node_score_matches_written_out(slope, shape):
+def test_node_score_matches_written_out(slope, shape, edge_term):
     """The score from the node rows (no (E, H, D) pre-activations) on a bipartite graph with a node of no
     in-edges and one of no out-edges: values and all three gradients as the written-out form, float64;
     gradcheck and a double backward."""
@@ -160,15 +157,17 @@ def test_node_score_matches_written_out(slope, shape):
     fs = torch.randn(ns, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     fd = torch.randn(nd, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     attn = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    ours = _NodeScore.apply(fs, fd, attn, slope, g)
-    ref = written_out(fs[src] + fd[dst], attn, slope)
+    ee = torch.randn(40, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True) if edge_term else None
+    inputs = tuple(t for t in (fs, fd, attn, ee) if t is not None)
+    ours = _NodeScore.apply(fs, fd, attn, ee, slope, g)
+    ref = written_out(fs[src] + fd[dst] + (ee if edge_term else 0), attn, slope)
     torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-13)
     w = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
-    for a, b in zip(torch.autograd.grad(ours, (fs, fd, attn), w), torch.autograd.grad(ref, (fs, fd, attn), w)):
+    for a, b in zip(torch.autograd.grad(ours, inputs, w), torch.autograd.grad(ref, inputs, w)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    fn = lambda s_, d_, a_: _NodeScore.apply(s_, d_, a_, slope, g)  # noqa: E731
-    assert gradcheck(fn, (fs, fd, attn))
-    assert gradgradcheck(fn, (fs, fd, attn))
+    fn = lambda s_, d_, a_, *e_: _NodeScore.apply(s_, d_, a_, e_[0] if e_ else None, slope, g)  # noqa: E731
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 @pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
