@@ -32,6 +32,20 @@ A third phase times both quiet on one thread, for two more columns that help rea
   traffic. The slowdown is about ``contended_over_1thread * speedup_1_to_n``: a system that uses its
   second core better shows a larger slowdown for the same loss.
 
+Each call's CPU time (the process's user + system time, all its threads: ``resource.getrusage``) is
+recorded beside its wall time, which splits that loss in two:
+
+- ``cores_contended``: contended CPU / contended wall, the cores the system actually got beside the
+  neighbours (a fair share is about 1 with the defaults). Below the fair share: the scheduler gave it
+  less (threads asleep waiting for a descheduled one, slow wake-ups).
+- ``cpu_over_1thread``: contended CPU / quiet 1-thread CPU, the work done for one call beside the
+  neighbours against the work alone. Above 1: the same work took more CPU (threads spinning at a barrier
+  while their partner is off its core, caches and TLB refilled after each switch, the neighbours' memory
+  traffic); ``cpu_quiet_over_1thread`` is the same for the quiet n-thread phase (spinning and parallel
+  overhead alone).
+
+so that ``contended_over_1thread`` is about ``cpu_over_1thread / cores_contended``.
+
     python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
     python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
     python benchmarks/bench_contention.py --rounds 3 --busy-threads 2   # 3 rounds; neighbours on every core
@@ -41,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -127,16 +142,26 @@ def check(runs: Runs, gout: Any) -> float:
     return max_diff(got["dgl"], got["gatx"])[1]
 
 
-def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
-    """Seconds per fwd+bwd, the systems called alternately ``reps`` times (after one warm-up each)."""
+def cpu_seconds() -> float:
+    """This process's CPU time so far, user + system, all its threads (not the busy neighbours')."""
+    use = resource.getrusage(resource.RUSAGE_SELF)
+    return use.ru_utime + use.ru_stime
+
+
+def timed(runs: Runs, gout: Any, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU seconds per fwd+bwd (:func:`cpu_seconds`), the systems called alternately ``reps`` times
+    (after one warm-up each)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(reps + 1):
         for name, (forward, params) in runs.items():
-            t0 = time.perf_counter()
+            c0, t0 = cpu_seconds(), time.perf_counter()
             fwd_bwd(forward, gout, list(params.values()))
+            t1, c1 = time.perf_counter(), cpu_seconds()
             if rep:
-                times[name].append(time.perf_counter() - t0)
-    return times
+                times[name].append(t1 - t0)
+                cpu[name].append(c1 - c0)
+    return times, cpu
 
 
 def start_busy(n: int, threads: int = 1, kind: str = "gemm") -> list[subprocess.Popen]:
@@ -159,8 +184,13 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.wait()
 
 
+def ratio(a: float, b: float) -> float | None:
+    """a / b, or None when b is 0 (a CPU clock too coarse for a call this short)."""
+    return a / b if b > 0 else None
+
+
 def run_round(runs: Runs, gout: Any, args: argparse.Namespace, threads: int, index: int) -> dict[str, dict[str, Any]]:
-    """One round: the quiet, quiet 1-thread and contended phases, {phase: {load_avg_1min, times}}."""
+    """One round: the quiet, quiet 1-thread and contended phases, {phase: {load_avg_1min, times, cpu}}."""
     import torch
 
     phases: dict[str, dict[str, Any]] = {}
@@ -169,13 +199,14 @@ def run_round(runs: Runs, gout: Any, args: argparse.Namespace, threads: int, ind
         procs = start_busy(args.busy, args.busy_threads, args.busy_kind) if phase == "contended" else []
         torch.set_num_threads(1 if phase == "quiet_1thread" else threads)
         try:
-            times = timed(runs, gout, args.reps)
+            times, cpu = timed(runs, gout, args.reps)
         finally:
             stop_busy(procs)
             torch.set_num_threads(threads)
-        phases[phase] = {"load_avg_1min": load, "times": times}
+        phases[phase] = {"load_avg_1min": load, "times": times, "cpu": cpu}
         log(f"  round {index + 1} {phase:13s} (load {load}): " + ", ".join(
-            f"{name} {1e3 * statistics.median(ts):.1f} ms" for name, ts in times.items()))
+            f"{name} {1e3 * statistics.median(ts):.1f} ms (CPU {1e3 * statistics.median(cpu[name]):.1f})"
+            for name, ts in times.items()))
     return phases
 
 
@@ -208,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in runs:
         quiet, one, busy = (statistics.median([t for r in rounds for t in r[ph]["times"][name]])
                             for ph in ("quiet", "quiet_1thread", "contended"))
+        cpu_quiet, cpu_one, cpu_busy = (statistics.median([t for r in rounds for t in r[ph]["cpu"][name]])
+                                        for ph in ("quiet", "quiet_1thread", "contended"))
         rows.append({
             "case": f"random-{args.nodes}", "system": name, "mode": "fwd+bwd", "status": "ok",
             "threads": threads, "busy_processes": args.busy, "busy_threads": args.busy_threads,
@@ -215,12 +248,16 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "quiet_median_ms": 1e3 * quiet, "quiet_1thread_median_ms": 1e3 * one, "contended_median_ms": 1e3 * busy,
             "slowdown": busy / quiet, "speedup_1_to_n": one / quiet, "contended_over_1thread": busy / one,
+            "quiet_cpu_ms": 1e3 * cpu_quiet, "quiet_1thread_cpu_ms": 1e3 * cpu_one, "contended_cpu_ms": 1e3 * cpu_busy,
+            "cores_contended": cpu_busy / busy, "cpu_over_1thread": ratio(cpu_busy, cpu_one),
+            "cpu_quiet_over_1thread": ratio(cpu_quiet, cpu_one),
             "round_slowdowns": per_round[name], "rounds_no_worse": no_worse,
             **{f"{ph}_load_avg": [r[ph]["load_avg_1min"] for r in rounds] for ph in ("quiet", "quiet_1thread", "contended")},
             "max_rel_diff": diff,
         })
         log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy {args.busy_kind} processes of {args.busy_threads} thread(s) "
-            f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}); "
+            f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}: "
+            f"CPU per call x{ratio(cpu_busy, cpu_one) or float('nan'):.2f} on {cpu_busy / busy:.2f} cores); "
             f"per round " + " ".join(f"{s:.2f}" for s in per_round[name]))
     log(f"  gatx's slowdown at most DGL's in {no_worse} of {args.rounds} rounds")
     write_json(args.json, env, rows)

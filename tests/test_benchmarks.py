@@ -286,7 +286,8 @@ def test_block_bench_rows(tmp_path) -> None:
 def test_contention_bench_rows(tmp_path, kind, busy_threads) -> None:
     """``bench_contention.py --tiny`` in two rounds: both systems agreed, were timed quiet (on all threads and
     on one) and beside a busy process of each kind, and the busy process is gone afterwards (slowdown =
-    contended / quiet median, pooled over the rounds; each round's own slowdown is listed too)."""
+    contended / quiet median, pooled over the rounds; each round's own slowdown is listed too; CPU time per call
+    beside wall time)."""
     out = tmp_path / "contention.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(BENCH / "bench_contention.py"), "--tiny", "--rounds", "2", "--busy-threads",
@@ -302,6 +303,12 @@ def test_contention_bench_rows(tmp_path, kind, busy_threads) -> None:
         assert r["slowdown"] == pytest.approx(r["contended_median_ms"] / r["quiet_median_ms"])
         assert r["speedup_1_to_n"] == pytest.approx(r["quiet_1thread_median_ms"] / r["quiet_median_ms"])
         assert r["contended_over_1thread"] == pytest.approx(r["contended_median_ms"] / r["quiet_1thread_median_ms"])
+        # CPU time per call beside wall time: the cores the system got, and the work per call against alone
+        assert r["quiet_1thread_cpu_ms"] > 0 and r["contended_cpu_ms"] > 0 and r["quiet_cpu_ms"] > 0
+        assert r["cores_contended"] == pytest.approx(r["contended_cpu_ms"] / r["contended_median_ms"])
+        assert r["cpu_over_1thread"] == pytest.approx(r["contended_cpu_ms"] / r["quiet_1thread_cpu_ms"])
+        assert r["cpu_quiet_over_1thread"] == pytest.approx(r["quiet_cpu_ms"] / r["quiet_1thread_cpu_ms"])
+        assert 0 < r["cores_contended"] <= os.cpu_count() + 0.5  # no more cores than the machine has (timer slack)
         assert r["busy_processes"] == 1 and r["busy_threads"] == busy_threads and r["busy_kind"] == kind
         assert r["quiet_median_ms"] > 0
         assert r["rounds"] == 2 and len(r["round_slowdowns"]) == 2 and len(r["contended_load_avg"]) == 2
