@@ -32,7 +32,7 @@ A third phase times both quiet on one thread, for two more columns that help rea
   traffic. The slowdown is about ``contended_over_1thread * speedup_1_to_n``: a system that uses its
   second core better shows a larger slowdown for the same loss.
 
-Each call's CPU time (the process's user + system time, all its threads: ``resource.getrusage``) is
+Each call's CPU time (the process's user + system time, all its threads: ``time.process_time``) is
 recorded beside its wall time, which splits that loss in two:
 
 - ``cores_contended``: contended CPU / contended wall, the cores the system actually got beside the
@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -142,22 +141,16 @@ def check(runs: Runs, gout: Any) -> float:
     return max_diff(got["dgl"], got["gatx"])[1]
 
 
-def cpu_seconds() -> float:
-    """This process's CPU time so far, user + system, all its threads (not the busy neighbours')."""
-    use = resource.getrusage(resource.RUSAGE_SELF)
-    return use.ru_utime + use.ru_stime
-
-
 def timed(runs: Runs, gout: Any, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and CPU seconds per fwd+bwd (:func:`cpu_seconds`), the systems called alternately ``reps`` times
-    (after one warm-up each)."""
+    """Wall and CPU seconds per fwd+bwd (CPU: this process's threads, not the busy neighbours), the systems
+    called alternately ``reps`` times (after one warm-up each)."""
     times: dict[str, list[float]] = {name: [] for name in runs}
     cpu: dict[str, list[float]] = {name: [] for name in runs}
     for rep in range(reps + 1):
         for name, (forward, params) in runs.items():
-            c0, t0 = cpu_seconds(), time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fwd_bwd(forward, gout, list(params.values()))
-            t1, c1 = time.perf_counter(), cpu_seconds()
+            t1, c1 = time.perf_counter(), time.process_time()
             if rep:
                 times[name].append(t1 - t0)
                 cpu[name].append(c1 - c0)
@@ -182,11 +175,6 @@ def stop_busy(procs: list[subprocess.Popen]) -> None:
         p.kill()
     for p in procs:
         p.wait()
-
-
-def ratio(a: float, b: float) -> float | None:
-    """a / b, or None when b is 0 (a CPU clock too coarse for a call this short)."""
-    return a / b if b > 0 else None
 
 
 def run_round(runs: Runs, gout: Any, args: argparse.Namespace, threads: int, index: int) -> dict[str, dict[str, Any]]:
@@ -249,15 +237,15 @@ def main(argv: list[str] | None = None) -> int:
             "quiet_median_ms": 1e3 * quiet, "quiet_1thread_median_ms": 1e3 * one, "contended_median_ms": 1e3 * busy,
             "slowdown": busy / quiet, "speedup_1_to_n": one / quiet, "contended_over_1thread": busy / one,
             "quiet_cpu_ms": 1e3 * cpu_quiet, "quiet_1thread_cpu_ms": 1e3 * cpu_one, "contended_cpu_ms": 1e3 * cpu_busy,
-            "cores_contended": cpu_busy / busy, "cpu_over_1thread": ratio(cpu_busy, cpu_one),
-            "cpu_quiet_over_1thread": ratio(cpu_quiet, cpu_one),
+            "cores_contended": cpu_busy / busy, "cpu_over_1thread": cpu_busy / cpu_one,
+            "cpu_quiet_over_1thread": cpu_quiet / cpu_one,
             "round_slowdowns": per_round[name], "rounds_no_worse": no_worse,
             **{f"{ph}_load_avg": [r[ph]["load_avg_1min"] for r in rounds] for ph in ("quiet", "quiet_1thread", "contended")},
             "max_rel_diff": diff,
         })
         log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy {args.busy_kind} processes of {args.busy_threads} thread(s) "
             f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}: "
-            f"CPU per call x{ratio(cpu_busy, cpu_one) or float('nan'):.2f} on {cpu_busy / busy:.2f} cores); "
+            f"CPU per call x{cpu_busy / cpu_one:.2f} on {cpu_busy / busy:.2f} cores); "
             f"per round " + " ".join(f"{s:.2f}" for s in per_round[name]))
     log(f"  gatx's slowdown at most DGL's in {no_worse} of {args.rounds} rounds")
     write_json(args.json, env, rows)

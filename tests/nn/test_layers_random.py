@@ -53,7 +53,7 @@ def run(layer, graph, feat, edge_weight, seed):
 @pytest.mark.parametrize("layer", ["GATConv", "GATv2Conv"])
 @pytest.mark.parametrize("seed", range(12))
 def test_random_configuration_matches_torch_backend_and_dgl(layer, seed):
-    c = config(1000 * seed + len(layer), layer)
+    c = config(2 * seed + (layer == "GATv2Conv"), layer)
     torch.manual_seed(seed)
     ours = getattr(gatx, layer)(c["in_feats"], c["out"], c["heads"], **c["kw"]).double()
     with torch.no_grad():
