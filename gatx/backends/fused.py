@@ -226,7 +226,7 @@ def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float,
     g = g.to(fs.dtype).contiguous()
     if g.shape != (E, H):
         raise ValueError(f"gat2_score's gradient must have shape {(E, H)}, got {tuple(g.shape)}")
-    need_fs, need_fd, need_attn, need_ee = (tuple(need) + (False,) * 4)[:4]
+    need_fs, need_fd, need_attn, need_ee = need
     dfs = dfd = dattn = dee = None
     if need_fd or need_attn or (need_ee and ee is not None):
         dfd = torch.empty_like(fd)

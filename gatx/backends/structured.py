@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._grad import wanted_grads
 from ..graph import Graph
 from ..ops._bias import TableBias
 from .structured_moves import BlockPlan, HaloPlan
@@ -137,9 +138,7 @@ class _FusedSDPA(torch.autograd.Function):
             out, inputs = torch.matmul(a, v), [q, k, v]
         else:
             out, inputs = ctx.inner
-        wanted = [t for t, w in zip(inputs, want) if w]
-        grads = iter(torch.autograd.grad(out, wanted, grad, retain_graph=True, create_graph=torch.is_grad_enabled()))
-        return tuple(next(grads) if w else None for w in want) + (None, None)
+        return wanted_grads(out, inputs, want, grad, retain_graph=True, create_graph=torch.is_grad_enabled()) + (None, None)
 
 
 class _DenseAttention(torch.autograd.Function):
@@ -177,10 +176,7 @@ class _DenseAttention(torch.autograd.Function):
             if mask is not None:
                 s = s + mask
             out = torch.bmm(torch.softmax(s, -1).view_as(a), V)
-            inputs = [Q, K, V, add]
-            wanted = [t for t, w in zip(inputs, want) if w]
-            grads = iter(torch.autograd.grad(out, wanted, grad, create_graph=True))
-            return tuple(next(grads) if w else None for w in want[:4]) + (None, None, None)
+            return wanted_grads(out, (Q, K, V, add), want[:4], grad, create_graph=True) + (None, None, None)
         grad = grad.contiguous()
         gV = torch.bmm(a.transpose(1, 2), grad) if want[2] else None  # (H*T, Kt, Dv)
         ds = torch.bmm(grad, V.transpose(1, 2))  # (H*T, Qt, Kt): dA

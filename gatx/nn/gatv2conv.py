@@ -13,6 +13,7 @@ from ._inputs import (
     check_edge_feat, check_zero_in_degree, fold, layer_inputs, store_layer_args,
 )
 from .._amp import autocast_off
+from .._grad import wanted_grads
 from ._utils import _diag_blocks, flat, head_blocks, linear, small_product
 
 
@@ -47,9 +48,7 @@ class _NodeScore(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             pre = ops.gat_score(ctx.graph, fs, fd, ee, backend="torch")
             s = (F.leaky_relu(pre, ctx.slope) * attn).sum(-1)
-            inputs = (fs, fd, attn, ee)
-            grads = iter(torch.autograd.grad(s, [t for t, w in zip(inputs, want) if w], g, create_graph=True))
-            return tuple(next(grads) if w else None for w in want) + (None, None)
+            return wanted_grads(s, (fs, fd, attn, ee), want, g, create_graph=True) + (None, None)
         dfs, dfd, dattn, dee = fused.gat2_score(ctx.graph, fs, fd, attn[0], ctx.slope, ee, g, want)
         return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, dee, None, None
 
@@ -82,8 +81,7 @@ class _LeakyScore(torch.autograd.Function):
         want = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
             s = (F.leaky_relu(pre, slope) * attn).sum(-1)
-            grads = iter(torch.autograd.grad(s, [t for t, w in zip((pre, attn), want) if w], g, create_graph=True))
-            return tuple(next(grads) if w else None for w in want) + (None,)
+            return wanted_grads(s, (pre, attn), want, g, create_graph=True) + (None,)
         g_pre = g_attn = None
         with autocast_off(pre.device.type):
             g = g.to(lr.dtype)
