@@ -7,7 +7,8 @@ scalars as GAT's does: every system makes (E, H, D) edge tensors, and the layer 
 so a change of load hits all of them; each is checked against gatx first (output and every parameter's
 gradient, relative difference at most ``--tol``). The 1-minute load average is recorded per case.
 
-gatx runs ``backend=None`` (DGL's kernels for the edge primitives where DGL is importable, else torch's)
+gatx runs ``backend=None`` (on the CPU: the score from the node rows and the softmax and aggregation in
+one call, both on gatx's fused library; where it is unavailable, the default backend's edge primitives)
 and ``backend="torch"``. PyG's layer is built without added self-loops, its weights mapped from gatx's
 (``lin_l`` / ``lin_r`` are ``fc_src`` / ``fc_dst``, its output bias zero).
 
