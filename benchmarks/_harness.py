@@ -1,6 +1,6 @@
 """Shared benchmark machinery: environment record, timing, peak memory, output checks, rows.
 
-Imported by ``bench_gat.py`` and ``bench_vision.py`` (which put this folder on ``sys.path`` by being
+Imported by the ``bench_*.py`` scripts and ``run.py`` (which put this folder on ``sys.path`` by being
 run as scripts). Nothing here is part of the ``gatx`` package.
 
 Peak memory, what the number means:
@@ -316,6 +316,34 @@ def max_diff(got: dict[str, Any], ref: dict[str, Any]) -> tuple[float, float]:
         worst_abs = max(worst_abs, d)
         worst_rel = max(worst_rel, d / scale if scale > 0 else d)
     return worst_abs, worst_rel
+
+
+Runs = dict[str, tuple[Callable[[], Any], dict[str, Any]]]  # {system: (forward, {reference's name: tensor})}
+
+
+def check_runs(runs: Runs, gout: Any, ref: str) -> dict[str, float]:
+    """Each system's largest relative difference to system ``ref``'s (output and the gradients of its named
+    tensors, after one :func:`fwd_bwd` each; every system names its tensors as ``ref`` does)."""
+    got = {}
+    for name, (forward, named) in runs.items():
+        out = fwd_bwd(forward, gout, list(named.values()))
+        got[name] = {"out": out.detach()} | {key: t.grad.detach().clone() for key, t in named.items()}
+    return {name: max_diff(got[name], got[ref])[1] for name in runs}
+
+
+def alternate(runs: Runs, gout: Any, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per :func:`fwd_bwd`, the systems called in turn ``reps`` times after ``warmup`` rounds, the
+    order rotated every round (so a change of load, or what ran just before, hits every system alike)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for rep in range(warmup + reps):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            forward, named = runs[name]
+            t0 = time.perf_counter()
+            fwd_bwd(forward, gout, list(named.values()))
+            if rep >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def log(msg: str) -> None:

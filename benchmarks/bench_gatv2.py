@@ -20,14 +20,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
-from typing import Any, Callable
+from typing import Any
 
-from _harness import HelpFormatter, Skip, allocator, environment, fwd_bwd, load_average, log, max_diff, quiet_import_dgl, write_json
+from _harness import (HelpFormatter, Runs, Skip, allocator, alternate, check_runs, environment, load_average, log,
+                      quiet_import_dgl, write_json)
 from bench_gat import HEADS, OUT_FEATS, random_case
-
-Runs = dict[str, tuple[Callable[[], Any], dict[str, Any]]]  # {system: (forward, {gatx parameter name: parameter})}
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
@@ -94,30 +91,6 @@ def systems(c: dict[str, Any]) -> tuple[Runs, dict[str, str]]:
     return runs, skipped
 
 
-def check(runs: Runs, gout: Any) -> dict[str, float]:
-    """Each system's largest relative difference (output and gradients) to gatx's."""
-    got = {}
-    for name, (forward, params) in runs.items():
-        out = fwd_bwd(forward, gout, list(params.values()))
-        got[name] = {"out": out.detach()} | {key: p.grad.detach().clone() for key, p in params.items()}
-    return {name: max_diff(got[name], got["gatx"])[1] for name in runs}
-
-
-def timed(runs: Runs, gout: Any, reps: int) -> dict[str, list[float]]:
-    """Seconds per fwd+bwd, the systems called in turn ``reps`` times (after one warm-up each), the order
-    rotated every repetition."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    names = list(runs)
-    for rep in range(reps + 1):
-        for name in names[rep % len(names):] + names[:rep % len(names)]:
-            forward, params = runs[name]
-            t0 = time.perf_counter()
-            fwd_bwd(forward, gout, list(params.values()))
-            if rep:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def run_case(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
@@ -126,7 +99,7 @@ def run_case(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     case = f"random-{n}"
     runs, skipped = systems(c)
     gout = torch.randn(n, HEADS, OUT_FEATS)
-    diffs = check(runs, gout)
+    diffs = check_runs(runs, gout, "gatx")
     rows = [{"case": case, "system": name, "mode": "fwd+bwd", "status": "skipped", "reason": why}
             for name, why in skipped.items()]
     for name, d in diffs.items():
@@ -135,7 +108,7 @@ def run_case(n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             log(f"  {name}: differs from gatx by {d:.2e} (> --tol {args.tol}); not timed")
     runs = {name: run for name, run in runs.items() if diffs[name] <= args.tol}
     load = load_average()
-    times = timed(runs, gout, args.reps)
+    times = alternate(runs, gout, args.reps)
     base = statistics.median(times["gatx"])
     ref = statistics.median(times["dgl.GATv2Conv"]) if "dgl.GATv2Conv" in times else None
     log(f"{case} ({c['src'].numel():,} edges), {torch.get_num_threads()} threads, load {load}:")

@@ -348,3 +348,32 @@ def test_gatv2_bench_rows(tmp_path) -> None:
         assert r["ratio_to_gatx"] == pytest.approx(r["median_ms"] / rows["gatx"]["median_ms"])
         if rows["dgl.GATv2Conv"]["status"] == "ok":
             assert r["ratio_to_dgl"] == pytest.approx(r["median_ms"] / rows["dgl.GATv2Conv"]["median_ms"])
+
+
+def test_window_bench_rows(tmp_path) -> None:
+    """``bench_window.py --tiny``: gatx's window module and Swin's formulation agreed (output and gradients) before
+    they were timed, for each shift with flush-to-zero on and off, and the ratio is of the medians of one run;
+    flush-to-zero is off again afterwards."""
+    out = tmp_path / "window.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_window.py"), "--tiny", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["shift"], r["flush_denormal"]) for r in rows} == {(0, True), (0, False), (3, True), (3, False)}
+    for r in rows:
+        assert r["status"] == "ok" and r["max_rel_diff"] <= 1e-4 and r["median_ms"] > 0 and r["reps"] == 3
+    for case in {r["case"] for r in rows}:
+        pair = {r["system"]: r for r in rows if r["case"] == case}
+        assert set(pair) == {"gatx.WindowAttention", "swin-window-partition"}
+        assert pair["gatx.WindowAttention"]["ratio_to_swin"] == pytest.approx(
+            pair["gatx.WindowAttention"]["median_ms"] / pair["swin-window-partition"]["median_ms"])
+
+
+def test_window_bench_rejects_bad_shapes() -> None:
+    """A map that is not whole windows, or a shift outside [0, window), is refused with the reason (exit 2)."""
+    for extra, message in ((["--map", "15"], "not a whole number of 7x7 windows"),
+                           (["--shifts", "7"], "every shift must be in [0, --window)")):
+        proc = subprocess.run([sys.executable, str(BENCH / "bench_window.py"), *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
