@@ -26,6 +26,7 @@ from _harness import (HelpFormatter, Runs, Skip, allocator, alternate, check_run
                       quiet_import_dgl, write_json)
 from bench_gat import HEADS, OUT_FEATS, random_case
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--sizes", default="10000,100000", help="comma-separated random-graph node counts")

@@ -352,8 +352,7 @@ def test_gatv2_bench_rows(tmp_path) -> None:
 
 def test_window_bench_rows(tmp_path) -> None:
     """``bench_window.py --tiny``: gatx's window module and Swin's formulation agreed (output and gradients) before
-    they were timed, for each shift with flush-to-zero on and off, and the ratio is of the medians of one run;
-    flush-to-zero is off again afterwards."""
+    they were timed, for each shift with flush-to-zero on and off, and the ratio is of the medians of one run."""
     out = tmp_path / "window.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(BENCH / "bench_window.py"), "--tiny", "--json", str(out)],
