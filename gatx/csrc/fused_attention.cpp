@@ -869,6 +869,10 @@ GATX_ENTRY(gatx_fused_f64, double)
 // CSC dfs), dedge[e] = t when given, and dattn[h,d] = sum_e g[e,h] * lrelu(z) when given, summed in
 // fixed blocks of rows in order (the same bits for any thread count).
 // Every row's offsets and every edge's ids are checked before use: 2 when one is out of range.
+// Each pass prefetches the other endpoints' rows kAhead edges ahead into L1 and kFar ahead into L2, as the
+// attention passes do (the edge rows and g's too): alternating processes, 2 threads, the layer's fwd+bwd
+// took 0.54x of its time without at 100k nodes (median of 5 rounds), 0.80x at 10k, and 0.74x at 100k
+// with 16 edge features.
 namespace {
 constexpr int64_t kRowBlock = 256;
 
@@ -941,6 +945,14 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
         const T* ar = a_rows + r * HD;
         if (which == 1) std::fill(acc_row, acc_row + HD, T(0));
         for (int64_t p = p0; p < p1; ++p) {
+          // rows ahead (see above); ids not yet checked are safe here (a prefetch never faults)
+          if (p + kFar < n_edges) prefetch_row<2>(b_rows, nbr[p + kFar], HD, HD);
+          if (p + kAhead < n_edges) {
+            const int64_t ea = eid[p + kAhead];
+            prefetch_row(b_rows, nbr[p + kAhead], HD, HD);
+            if (e_rows) prefetch_row(e_rows, ea, HD, HD);
+            if (which == 1) prefetch_row(g, ea, H, H);
+          }
           const int64_t o = nbr[p], e = eid[p];
           if (bad_edge(o, e, n_other, n_edges)) { bad = true; break; }
           const T* br = b_rows + o * HD;
