@@ -59,10 +59,10 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
-from _harness import (HelpFormatter, Skip, allocator, environment, fwd_bwd, load_average, log, max_diff, quiet_import_dgl,
-                      write_json)
+from _harness import (HelpFormatter, Runs, Skip, allocator, check_runs, environment, fwd_bwd, load_average, log,
+                      quiet_import_dgl, write_json)
 from bench_gat import HEADS, OUT_FEATS, random_case
 
 # the busy neighbours, each a loop that runs until it is stopped (the first line marks them, so a test can
@@ -111,9 +111,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-Runs = dict[str, tuple[Callable[[], Any], dict[str, Any]]]  # {system: (forward, {parameter name: parameter})}
-
-
 def systems(c: dict[str, Any]) -> Runs:
     """gatx and DGL with the same weights (DGL's parameter names are gatx's)."""
     import gatx
@@ -130,15 +127,6 @@ def systems(c: dict[str, Any]) -> Runs:
     g = dgl.graph((c["src"], c["dst"]), num_nodes=c["n"])
     out["dgl"] = ((lambda: ref(g, c["feat"])), dict(ref.named_parameters()))
     return out
-
-
-def check(runs: Runs, gout: Any) -> float:
-    """Largest relative difference of DGL's output and gradients to gatx's."""
-    got = {}
-    for name, (forward, params) in runs.items():
-        out = fwd_bwd(forward, gout, list(params.values()))
-        got[name] = {"out": out.detach()} | {key: p.grad for key, p in params.items()}
-    return max_diff(got["dgl"], got["gatx"])[1]
 
 
 def timed(runs: Runs, gout: Any, reps: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -213,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, env, [{"status": "skipped", "reason": str(err)}])
         return 0
     gout = torch.randn(args.nodes, HEADS, OUT_FEATS)
-    diff = check(runs, gout)
+    diff = check_runs(runs, gout, "gatx")["dgl"]
     log(f"random-{args.nodes} ({c['src'].numel():,} edges), {torch.get_num_threads()} threads: "
         f"DGL vs gatx max relative difference {diff:.2e}")
     if not diff <= 1e-3:
