@@ -100,16 +100,20 @@ inline double fast_log(double x) { return std::log(x); }
 // to 40 edges equally good; only when the helper below is inlined: called, it bought nothing). The
 // forward's first loop does the same (2026-11-24, Zen 4, alternating processes, GATConv 8x8 fwd+bwd,
 // 2 threads): 0.93x at 10k nodes, 0.86x at 100k, 0.82x at 300k, 0.85-0.89x at 100k beside two busy
-// processes; 16 edges ahead took 1.26x the time of 32, 64 was level with 32.
+// processes; 16 edges ahead took 1.26x the time of 32, 64 was level with 32. The src-row passes also
+// ask for their per-edge rows (bias, the edge gradients they write) kFar edges ahead: those are read and
+// written by edge id, at random there, from (E, H) arrays larger than the L3 (100k nodes, 2 threads: the
+// single pass with a per-edge bias and its gradient 102 -> 73 ms; GATv2Conv's attention backward 89-93 ->
+// 64-71 ms in the profiler; no change without per-edge rows).
 constexpr int64_t kAhead = 6, kFar = 32;
 // Row `row` (elements `stride` apart) of `base`, `n` elements. The row ids ahead of the current edge are
 // not checked yet (bad_edge checks an id when its edge comes), so the address is computed in unsigned
 // integers (no pointer overflow); a prefetch never faults, whatever the address.
-template <int LEVEL = 3, typename T>  // 3: into L1, 2: into L2
+template <int LEVEL = 3, int RW = 0, typename T>  // LEVEL 3: into L1, 2: into L2; RW 1: to be written
 inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t n) {
   const uintptr_t c = reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(row) * stride * sizeof(T);
   for (int64_t off = 0; off < n * int64_t(sizeof(T)); off += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(c + off), 0, LEVEL);
+    __builtin_prefetch(reinterpret_cast<const char*>(c + off), RW, LEVEL);
 }
 
 // The bounds checks, fused into the passes (a separate pass over the 16 bytes of ids per edge cost 2-3 ms
@@ -592,6 +596,15 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
     prefetch_row<2>(A.g, ib, H * Dv, H * Dv);
     prefetch_row<2>(A.stat, ib, 2 * H, 2 * H);
     if (dqt) prefetch_row<2>(dqt, ib, dq_stride, kw);
+    if (A.bias || A.ga || A.keep || A.ew || A.attn || A.dw) {  // per-edge rows, by edge id: random here
+      const int64_t eb = A.eid[pa + kFar];
+      if (A.bias) prefetch_row<2>(A.bias, eb, H, H);
+      if (A.ga) prefetch_row<2>(A.ga, eb, H, H);
+      if (A.keep) prefetch_row<2>(A.keep, eb, H, H);
+      if (A.ew) prefetch_row<2>(A.ew, eb, A.ew_heads ? H : 1, 1);
+      if (A.attn) prefetch_row<2, 1>(A.attn, eb, H, H);
+      if (A.dw) prefetch_row<2, 1>(A.dw, eb, A.ew_heads ? H : 1, 1);
+    }
   }
   if (pa + kAhead < n_edges) {
     const int64_t ia = A.nbr[pa + kAhead], ea = A.eid[pa + kAhead];
