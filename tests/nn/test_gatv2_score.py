@@ -144,20 +144,22 @@ def test_training_step_with_attention_dropout_matches_torch_backend(share_weight
 @pytest.mark.parametrize("edge_term", [False, True])
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("shape", [(7, 7), (9, 5), (4, 6)])
-def test_node_score_matches_written_out(slope, shape, edge_term):
+@pytest.mark.parametrize("heads", [(3, 4), (8, 8)])  # 8 x 8: the kernel's compile-time shape
+def test_node_score_matches_written_out(slope, shape, edge_term, heads):
     """The score from the node rows (no (E, H, D) pre-activations) on a bipartite graph with a node of no
     in-edges and one of no out-edges: values and all three gradients as the written-out form, float64;
-    gradcheck and a double backward."""
+    gradcheck and a double backward (3 x 4 heads)."""
     from gatx.nn.gatv2conv import _NodeScore
 
     ns, nd = shape
+    H, D = heads
     gen = torch.Generator().manual_seed(ns * 10 + nd)
     src, dst = torch.randint(0, ns - 1, (40,), generator=gen), torch.randint(0, nd - 1, (40,), generator=gen)
     g = gatx.Graph(src, dst, ns, nd)
-    fs = torch.randn(ns, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    fd = torch.randn(nd, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    attn = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
-    ee = torch.randn(40, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True) if edge_term else None
+    fs = torch.randn(ns, H, D, dtype=torch.float64, generator=gen, requires_grad=True)
+    fd = torch.randn(nd, H, D, dtype=torch.float64, generator=gen, requires_grad=True)
+    attn = torch.randn(1, H, D, dtype=torch.float64, generator=gen, requires_grad=True)
+    ee = torch.randn(40, H, D, dtype=torch.float64, generator=gen, requires_grad=True) if edge_term else None
     inputs = tuple(t for t in (fs, fd, attn, ee) if t is not None)
     ours = _NodeScore.apply(fs, fd, attn, ee, slope, g)
     ref = written_out(fs[src] + fd[dst] + (ee if edge_term else 0), attn, slope)
@@ -165,9 +167,36 @@ def test_node_score_matches_written_out(slope, shape, edge_term):
     w = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, inputs, w), torch.autograd.grad(ref, inputs, w)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if heads == (8, 8):  # the numerical Jacobians of 8 x 8 rows take minutes; the small shape covers them
+        return
     fn = lambda s_, d_, a_, *e_: _NodeScore.apply(s_, d_, a_, e_[0] if e_ else None, slope, g)  # noqa: E731
     assert gradcheck(fn, inputs)
     assert gradgradcheck(fn, inputs)
+
+
+@pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
+@pytest.mark.parametrize("edge_term", [False, True])
+@pytest.mark.parametrize("slope", [0.2, -0.3])
+def test_node_score_8x8_float32_matches_float64(slope, edge_term):
+    """float32 with 8 heads x 8 features (the kernel's vectorised score and its compile-time backward) on a
+    graph of 5,000 edges (enough for the kernel to use both threads): values and all gradients as the float64 written-out form."""
+    from gatx.nn.gatv2conv import _NodeScore
+
+    gen = torch.Generator().manual_seed(5)
+    ns, nd, E = 1000, 700, 5000
+    src, dst = torch.randint(0, ns, (E,), generator=gen), torch.randint(0, nd, (E,), generator=gen)
+    g = gatx.Graph(src, dst, ns, nd)
+    f64 = [torch.randn(n, 8, 8, dtype=torch.float64, generator=gen) for n in (ns, nd, 1, E)]
+    if not edge_term:
+        f64 = f64[:3]
+    f32 = [t.float().requires_grad_() for t in f64]
+    f64 = [t.requires_grad_() for t in f64]
+    ours = _NodeScore.apply(*f32[:3], f32[3] if edge_term else None, slope, g)
+    ref = written_out(f64[0][src] + f64[1][dst] + (f64[3] if edge_term else 0), f64[2], slope)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-5, atol=1e-5)
+    w = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(ours, f32, w.float()), torch.autograd.grad(ref, f64, w)):
+        torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
