@@ -144,7 +144,7 @@ def test_training_step_with_attention_dropout_matches_torch_backend(share_weight
 @pytest.mark.parametrize("edge_term", [False, True])
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("shape", [(7, 7), (9, 5), (4, 6)])
-@pytest.mark.parametrize("heads", [(3, 4), (8, 8)])  # 8 x 8: the kernel's compile-time shape
+@pytest.mark.parametrize("heads", [(3, 4), (8, 8), (2, 16)])  # 8 x 8 and width 16: compile-time shapes
 def test_node_score_matches_written_out(slope, shape, edge_term, heads):
     """The score from the node rows (no (E, H, D) pre-activations) on a bipartite graph with a node of no
     in-edges and one of no out-edges: values and all three gradients as the written-out form, float64;
@@ -167,7 +167,7 @@ def test_node_score_matches_written_out(slope, shape, edge_term, heads):
     w = torch.randn(ours.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(ours, inputs, w), torch.autograd.grad(ref, inputs, w)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    if heads == (8, 8):  # the numerical Jacobians of 8 x 8 rows take minutes; the small shape covers them
+    if heads != (3, 4):  # the numerical Jacobians of wider rows take minutes; the small shape covers them
         return
     fn = lambda s_, d_, a_, *e_: _NodeScore.apply(s_, d_, a_, e_[0] if e_ else None, slope, g)  # noqa: E731
     assert gradcheck(fn, inputs)
