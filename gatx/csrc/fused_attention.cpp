@@ -989,13 +989,12 @@ int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges,
           }
           if (which == 0) {
 #ifdef __AVX__
-            if constexpr (std::is_same<T, float>::value) {
-              if (H == 8 && D == 8) {  // lrelu(z) for all 64, then the 8 head sums as one shuffle tree
+            if constexpr (std::is_same<T, float>::value && HC == 8 && DC == 8) {
+              // lrelu(z) for all 64, then the 8 head sums as one shuffle tree
 #pragma omp simd
-                for (int64_t i = 0; i < 64; ++i) z[i] = z[i] * (z[i] > 0 ? T(1) : slope);
-                head_dots_8x8(attn, z, s + e * H);
-                continue;
-              }
+              for (int64_t i = 0; i < 64; ++i) z[i] = z[i] * (z[i] > 0 ? T(1) : slope);
+              head_dots_8x8(attn, z, s + e * H);
+              continue;
             }
 #endif
             for (int64_t h = 0; h < H; ++h) {

@@ -179,7 +179,8 @@ def test_node_score_matches_written_out(slope, shape, edge_term, heads):
 @pytest.mark.parametrize("slope", [0.2, -0.3])
 def test_node_score_8x8_float32_matches_float64(slope, edge_term):
     """float32 with 8 heads x 8 features (the kernel's vectorised score and its compile-time backward) on a
-    graph of 5,000 edges (enough for the kernel to use both threads): values and all gradients as the float64 written-out form."""
+    graph of 5,000 edges (enough for the kernel to use both threads): values and all gradients as the
+    float64 written-out form."""
     from gatx.nn.gatv2conv import _NodeScore
 
     gen = torch.Generator().manual_seed(5)
