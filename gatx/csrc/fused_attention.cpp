@@ -891,8 +891,8 @@ GATX_ENTRY(gatx_fused_f64, double)
 // Each pass prefetches the other endpoints' rows kAhead edges ahead into L1 and kFar ahead into L2, as the
 // attention passes do (the edge rows and g's too): alternating processes, 2 threads, the layer's fwd+bwd
 // took 0.54x of its time without at 100k nodes (median of 5 rounds), 0.80x at 10k, and 0.74x at 100k
-// with 16 edge features. 8 heads x 8 features run with compile-time loop bounds, and the forward's float32
-// head sums as head_dots_8x8's shuffle tree: the layer's fwd+bwd 0.82-0.83x at 100k nodes, 0.77x at 10k
+// with 16 edge features. 8 heads x 8 features run with compile-time loop bounds, and the forward's head
+// sums are head_dots's (float32 8 x 8: one shuffle tree): the layer's fwd+bwd 0.82-0.83x at 100k nodes, 0.77x at 10k
 // (alternating processes, median of 5 rounds; in the profiler forward 63-78 -> 41-57 ms, backward
 // 134-154 -> 80-82 ms at 100k). Widths of 16, 32 and 64 get a compile-time D for any head count: 0.95x
 // with 4 x 32, 0.97x with 8 x 16 (30k nodes, same method).
@@ -987,24 +987,10 @@ int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges,
 #pragma omp simd
             for (int64_t i = 0; i < HD; ++i) z[i] += er[i];
           }
-          if (which == 0) {
-#ifdef __AVX__
-            if constexpr (std::is_same<T, float>::value && HC == 8 && DC == 8) {
-              // lrelu(z) for all 64, then the 8 head sums as one shuffle tree
+          if (which == 0) {  // lrelu(z), then the per-head sums with attn (float 8 x 8: one shuffle tree)
 #pragma omp simd
-              for (int64_t i = 0; i < 64; ++i) z[i] = z[i] * (z[i] > 0 ? T(1) : slope);
-              head_dots_8x8(attn, z, s + e * H);
-              continue;
-            }
-#endif
-            for (int64_t h = 0; h < H; ++h) {
-              T sum = 0;
-              for (int64_t d = 0; d < D; ++d) {
-                const T x = z[h * D + d];
-                sum += attn[h * D + d] * (x * (x > 0 ? T(1) : slope));
-              }
-              s[e * H + h] = sum;
-            }
+            for (int64_t i = 0; i < HD; ++i) z[i] = z[i] * (z[i] > 0 ? T(1) : slope);
+            head_dots<T, HC, DC>(attn, z, s + e * H, H, D);
           } else if (dedge) {
             gat2_edge_grad<T, true, HC, DC>(z, g + e * H, attn, slope, H, D, acc_row, dedge + e * HD, acc);
           } else {
