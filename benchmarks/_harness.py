@@ -104,6 +104,8 @@ def environment(device: str) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        # how OpenMP's idle threads wait (spin or sleep): read once when torch loads its OpenMP runtime
+        "openmp_wait_env": {k: v for k, v in os.environ.items() if k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")},
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
