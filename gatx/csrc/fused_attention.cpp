@@ -891,11 +891,11 @@ GATX_ENTRY(gatx_fused_f64, double)
 // Each pass prefetches the other endpoints' rows kAhead edges ahead into L1 and kFar ahead into L2, as the
 // attention passes do (the edge rows and g's too): alternating processes, 2 threads, the layer's fwd+bwd
 // took 0.54x of its time without at 100k nodes (median of 5 rounds), 0.80x at 10k, and 0.74x at 100k
-// with 16 edge features. 8 heads x 8 features run with compile-time loop bounds, and the forward's head
-// sums are head_dots's (float32 8 x 8: one shuffle tree): the layer's fwd+bwd 0.82-0.83x at 100k nodes, 0.77x at 10k
-// (alternating processes, median of 5 rounds; in the profiler forward 63-78 -> 41-57 ms, backward
-// 134-154 -> 80-82 ms at 100k). Widths of 16, 32 and 64 get a compile-time D for any head count: 0.95x
-// with 4 x 32, 0.97x with 8 x 16 (30k nodes, same method).
+// with 16 edge features. float32 at 8 heads x 8 features runs with compile-time loop bounds, and the
+// forward's head sums are head_dots's (one shuffle tree): the layer's fwd+bwd 0.82-0.83x at 100k nodes,
+// 0.77x at 10k (alternating processes, median of 5 rounds; in the profiler forward 63-78 -> 41-57 ms,
+// backward 134-154 -> 80-82 ms at 100k). float32 widths of 16, 32 and 64 get a compile-time D for any head
+// count: 0.95x with 4 x 32, 0.97x with 8 x 16 (30k nodes, same method).
 namespace {
 constexpr int64_t kRowBlock = 256;
 
@@ -1007,18 +1007,20 @@ int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges,
   return 0;
 }
 
-// 8 heads x 8 features (GATv2Conv's usual shape), and widths 16, 32, 64, with compile-time loop bounds;
-// the rest generic
+// Compile-time loop bounds by the attention passes' rule (run above): float32 at 8 heads x 8 features
+// (GATv2Conv's usual shape) or widths 16, 32, 64; float64 and the rest generic
 template <typename T>
 int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t D,
                const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows, const T* b_rows,
                const T* e_rows, const T* attn, double slope, const T* g, T* s, T* drow, T* dedge, T* dattn,
                int nthreads) {
-  auto impl = (H == 8 && D == 8) ? gat2_score_impl<T, 8, 8>
-              : D == 16           ? gat2_score_impl<T, 0, 16>
-              : D == 32           ? gat2_score_impl<T, 0, 32>
-              : D == 64           ? gat2_score_impl<T, 0, 64>
-                                  : gat2_score_impl<T, 0, 0>;
+  auto impl = gat2_score_impl<T, 0, 0>;
+  if (std::is_same<T, float>::value) {
+    if (H == 8 && D == 8) impl = gat2_score_impl<T, 8, 8>;
+    else if (D == 16) impl = gat2_score_impl<T, 0, 16>;
+    else if (D == 32) impl = gat2_score_impl<T, 0, 32>;
+    else if (D == 64) impl = gat2_score_impl<T, 0, 64>;
+  }
   return impl(which, n_rows, n_other, n_edges, H, D, indptr, nbr, eid, a_rows, b_rows, e_rows, attn, slope, g, s,
               drow, dedge, dattn, nthreads);
 }

@@ -144,7 +144,7 @@ def test_training_step_with_attention_dropout_matches_torch_backend(share_weight
 @pytest.mark.parametrize("edge_term", [False, True])
 @pytest.mark.parametrize("slope", [0.2, 0.0, -0.3])
 @pytest.mark.parametrize("shape", [(7, 7), (9, 5), (4, 6)])
-@pytest.mark.parametrize("heads", [(3, 4), (8, 8), (2, 16)])  # 8 x 8 and width 16: compile-time shapes
+@pytest.mark.parametrize("heads", [(3, 4), (8, 8), (2, 16)])
 def test_node_score_matches_written_out(slope, shape, edge_term, heads):
     """The score from the node rows (no (E, H, D) pre-activations) on a bipartite graph with a node of no
     in-edges and one of no out-edges: values and all three gradients as the written-out form, float64;
@@ -177,17 +177,19 @@ def test_node_score_matches_written_out(slope, shape, edge_term, heads):
 @pytest.mark.skipif(fused.availability() is not None, reason="the fused kernel is not usable here")
 @pytest.mark.parametrize("edge_term", [False, True])
 @pytest.mark.parametrize("slope", [0.2, -0.3])
-def test_node_score_8x8_float32_matches_float64(slope, edge_term):
-    """float32 with 8 heads x 8 features (the kernel's vectorised score and its compile-time backward) on a
-    graph of 5,000 edges (enough for the kernel to use both threads): values and all gradients as the
-    float64 written-out form."""
+@pytest.mark.parametrize("heads", [(8, 8), (2, 16)])
+def test_node_score_float32_compile_time_shapes_match_float64(slope, edge_term, heads):
+    """float32 at the kernel's compile-time shapes (8 heads x 8 features: the vectorised score's shuffle
+    tree; width 16 at any head count) on a graph of 5,000 edges (enough for the kernel to use both
+    threads): values and all gradients as the float64 written-out form."""
     from gatx.nn.gatv2conv import _NodeScore
 
+    H, D = heads
     gen = torch.Generator().manual_seed(5)
     ns, nd, E = 1000, 700, 5000
     src, dst = torch.randint(0, ns, (E,), generator=gen), torch.randint(0, nd, (E,), generator=gen)
     g = gatx.Graph(src, dst, ns, nd)
-    f64 = [torch.randn(n, 8, 8, dtype=torch.float64, generator=gen) for n in (ns, nd, 1, E)]
+    f64 = [torch.randn(n, H, D, dtype=torch.float64, generator=gen) for n in (ns, nd, 1, E)]
     if not edge_term:
         f64 = f64[:3]
     f32 = [t.float().requires_grad_() for t in f64]
