@@ -61,9 +61,9 @@ _DTYPES = (torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)  # run in float32 copies
 TAKES_SHARED_VALUES = True  # sparse_attention takes v of one head that every head reads (not while compiling)
 TAKES_OUT_BIAS = True  # sparse_attention(out_bias=...): added in the forward pass, its gradient summed in the single backward pass
-_ABI = 10  # gatx_fused_abi_version() of the matching source
-__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "gat2_score", "load", "reasons",
-           "sparse_attention"]
+_ABI = 11  # gatx_fused_abi_version() of the matching source
+__all__ = ["GatxKernelCacheWarning", "availability", "build", "cache_dir", "gat2_attention", "gat2_attention_backward",
+           "gat2_fits", "gat2_score", "keep_mask", "load", "reasons", "sparse_attention"]
 
 
 class _State:
@@ -80,7 +80,8 @@ def _declare(fn: Any) -> None:
     i64, ptr, dbl, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_double, ctypes.c_int
     fn.restype = c_int
     fn.argtypes = [c_int, c_int, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, ptr,
-                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int]
+                   dbl, dbl, dbl, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, c_int, c_int,
+                   ptr, ptr, ptr, ptr]
 
 
 def _declare_score(fn: Any) -> None:
@@ -240,6 +241,60 @@ def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float,
     return dfs, dfd if need_fd else None, dattn, dee
 
 
+def gat2_fits(num_src: int, width: int, dtype: torch.dtype) -> bool:
+    """Whether :func:`gat2_attention_backward` runs on every thread: it sums fs's gradient into one
+    (num_src, width) buffer per thread, and the kernel takes fewer threads past 1 GiB of them."""
+    item = torch.empty((), dtype=dtype).element_size()
+    return num_src * width * item * torch.get_num_threads() <= 1 << 30
+
+
+def _gat2_args(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None) -> tuple[Tensor, ...]:
+    """(fs, fd, attn, ee) as the kernel reads them, after checking their shapes and dtype."""
+    H, D = attn.shape
+    E = graph.num_edges
+    if (fs.shape != (graph.num_src, H, D) or fd.shape != (graph.num_dst, H, D) or (ee is not None and ee.shape != (E, H, D))
+            or len({t.dtype for t in (fs, fd, attn, ee) if t is not None}) != 1 or fs.dtype not in _DTYPES):
+        raise ValueError(f"GATv2's fused attention needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D), "
+                         f"ee (E, H, D) and attn (H, D) of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, "
+                         f"{tuple(ee.shape) if ee is not None else None}, {tuple(attn.shape)}")
+    return fs.contiguous(), _rows(fd), attn.contiguous(), ee.contiguous() if ee is not None else None
+
+
+def gat2_attention(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float,
+                   keep: Tensor | None, keep_scale: float) -> tuple[Tensor, Tensor]:
+    """GATv2's attention in one pass over the CSR, the score computed per edge as it is used:
+    ``out[i] = sum_e a_e * fs[src_e]`` with ``a`` the dst-row softmax of ``(leaky_relu(fs[src] + fd[dst] (+ ee),
+    slope) * attn).sum(-1)`` (times the dropout ``keep`` mask and ``keep_scale``), for ``fs`` (num_src, H, D),
+    ``fd`` (num_dst, H, D), ``attn`` (H, D), ``ee`` (E, H, D) or None. Neither the (E, H) scores nor any
+    (E, H, D) tensor is made. Returns (out (num_dst, H, D), the per-row statistics its backward reads)."""
+    fs, fd, attn, ee = _gat2_args(graph, fs, fd, attn, ee)
+    H, D = attn.shape
+    csr = graph.csr()
+    out, stat = fs.new_empty((graph.num_dst, H, D)), fs.new_empty((graph.num_dst, 2, H))
+    _call(0, False, (csr.indptr, csr.src, csr.perm, graph.num_src), fd, fs, fs, None, None, keep, keep_scale, 1.0, slope,
+          stat, out=out, v2=(attn, ee, None, None))
+    return out, stat
+
+
+def gat2_attention_backward(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float,
+                            keep: Tensor | None, keep_scale: float, stat: Tensor, out: Tensor, g: Tensor,
+                            need: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients (dfs, dfd, dattn, dee) of :func:`gat2_attention` for its output's gradient ``g``, each
+    where ``need`` (four flags) asks, in one more pass over the CSR that recomputes each edge's score and
+    softmax weight from ``stat``. fs's gradient is summed in per-thread buffers (see :func:`gat2_fits`) and
+    attn's per thread: their last bits can change with the thread count and from run to run, as with the
+    attention kernel's single backward pass."""
+    fs, fd, attn, ee = _gat2_args(graph, fs, fd, attn, ee)
+    csr = graph.csr()
+    dfs = torch.empty_like(fs) if need[0] else None
+    dfd = torch.empty_like(fd) if need[1] else None
+    dattn = torch.empty_like(attn) if need[2] else None
+    dee = torch.empty_like(ee) if need[3] and ee is not None else None
+    _call(1, False, (csr.indptr, csr.src, csr.perm, graph.num_src), fd, fs, fs, None, None, keep, keep_scale, 1.0, slope,
+          stat, g=g.to(fs.dtype).contiguous(), o=out, out=dfs, dq=dfd, v2=(attn, ee, dattn, dee))
+    return dfs, dfd, dattn, dee
+
+
 def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None and t.numel() else None
 
@@ -262,12 +317,18 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
           slope: float, stat: Tensor, *, g: Tensor | None = None, ga: Tensor | None = None,
           out: Tensor | None = None, attn: Tensor | None = None, dk: Tensor | None = None,
           dw: Tensor | None = None, o: Tensor | None = None, dq: Tensor | None = None, ob: Tensor | None = None,
-          dob: Tensor | None = None) -> None:
+          dob: Tensor | None = None, v2: tuple[Tensor, Tensor | None, Tensor | None, Tensor | None] | None = None) -> None:
     """One kernel pass: ``which`` 0 forward, 1 backward over dst rows, 2 backward over src rows, 3 the
     whole backward in one pass over src rows.
 
     ``ob``, a contiguous (H, Dv) output bias: the forward adds it to every output row; pass 3 then takes
     ``o`` as including it and writes its gradient (the sum of ``g``'s rows) into ``dob`` when given.
+
+    ``v2 = (av, ee, dav, dee)``: GATv2's vector score (the kernel's mode 2), with q the dst rows, k and v
+    the same src rows (H, D each), ``av`` GATv2's (H, D) attention vector, ``ee`` the optional per-edge term
+    (E, H, D). Pass 0 is the forward; pass 1 is then GATv2's whole backward over the dst rows, with the
+    forward's output ``o``: the src rows' gradient into ``out``, the dst rows' into ``dq``, attn's and ee's
+    into ``dav`` and ``dee`` (each optional).
 
     Pass 3 takes the CSC ``rows`` (as pass 2), the output gradient ``g`` and the forward's output ``o``
     (no attention gradient ``ga``), and writes ``out`` = dv, ``dk``, ``dq``, ``attn`` = dbias and ``dw``
@@ -281,16 +342,17 @@ def _call(which: int, dot: bool, rows: tuple[Tensor, Tensor, Tensor], q: Tensor,
     indptr, nbr, eid, n_other = rows
     H, Dv = q.shape[1], v.shape[2]  # heads: the scores' (v may have one head that every head reads)
     shared = _shared_values(q, v)
-    Dk = q.shape[2] if dot else 1
+    Dk = q.shape[2] if dot or v2 is not None else 1
     kw, vw = H * Dk, (1 if shared else H) * Dv  # the widths of a row of q or k, and of v
     # row strides of q, k, v, out, dk, dq (rows of each are contiguous: see _rows)
     strides = (ctypes.c_int64 * 6)(_row_stride(q, kw), _row_stride(k, kw), _row_stride(v, vw),
                                    _row_stride(out, H * Dv if which == 0 else kw if which == 1 else vw),
                                    _row_stride(dk, kw), _row_stride(dq, kw))
-    rc = fn(which, int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
+    rc = fn(which, 2 if v2 is not None else int(dot), indptr.numel() - 1, n_other, nbr.numel(), H, Dk, Dv, _ptr(indptr), _ptr(nbr), _ptr(eid),
             _ptr(q), _ptr(k), _ptr(v), _ptr(bias), _ptr(ew), int(ew is not None and ew.dim() == 2), _ptr(keep),
             keep_scale, scale, slope, _ptr(g), _ptr(ga), _ptr(stat), _ptr(out), _ptr(attn), _ptr(dk), _ptr(dw),
-            _ptr(o), _ptr(dq), _ptr(ob), _ptr(dob), strides, torch.get_num_threads(), int(shared))
+            _ptr(o), _ptr(dq), _ptr(ob), _ptr(dob), strides, torch.get_num_threads(), int(shared),
+            *(map(_ptr, v2) if v2 is not None else (None,) * 4))
     if rc == 2:  # the kernel's own bounds check: indices changed behind the Graph's back (e.g. through .data)
         raise ValueError("the graph's indices are out of range or its CSR is inconsistent (were they written "
                          "through .data or numpy after the Graph was built?); build a new Graph")
@@ -483,15 +545,7 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
     ``out_bias`` is added in the kernel's forward and its gradient summed in its single backward pass
     (float32 / float64 only: half precision adds it to the cast result)."""
     H = logits.shape[1] if score == "given" else q.shape[1]  # v may have one head, read by every head
-    keep, keep_scale = None, 1.0
-    if dropout_p > 0.0:
-        # the same RNG draws as F.dropout on the (E, H) attention: bernoulli_(1 - p) on that shape
-        if dropout_p < 1.0:
-            keep = torch.empty((graph.num_edges, H), dtype=torch.bool).bernoulli_(1.0 - dropout_p)
-            keep_scale = 1.0 / (1.0 - dropout_p)
-        else:  # F.dropout(p=1) draws nothing and zeroes everything
-            keep = torch.zeros((graph.num_edges, H), dtype=torch.bool)
-        keep = keep.view(torch.uint8)
+    keep, keep_scale = keep_mask(graph.num_edges, H, dropout_p)
     E = graph.num_edges
     if score == "given":
         # given logits run as the additive kernel with zero node terms and slope 1:
@@ -517,6 +571,17 @@ def sparse_attention(graph: Graph, q: Tensor | None, k: Tensor | None, v: Tensor
         out, attn = _FusedAttention.apply(q, k, v, bias, edge_weight, keep, graph, *consts, ob)
         res = _cast(half, (out, attn) if return_attention else out)
     return res if inside else add_out_bias(res, out_bias)
+
+
+def keep_mask(num_edges: int, heads: int, p: float) -> tuple[Tensor | None, float]:
+    """Attention dropout's (E, H) keep-mask (uint8; None when ``p`` is 0) and its scale 1 / (1 - p), from the
+    same RNG draws as ``F.dropout`` on the (E, H) attention: ``bernoulli_(1 - p)`` on that shape."""
+    if p <= 0.0:
+        return None, 1.0
+    if p >= 1.0:  # F.dropout(p=1) draws nothing and zeroes everything
+        return torch.zeros((num_edges, heads), dtype=torch.uint8), 1.0
+    keep = torch.empty((num_edges, heads), dtype=torch.bool).bernoulli_(1.0 - p)
+    return keep.view(torch.uint8), 1.0 / (1.0 - p)
 
 
 def _cast(dtype: torch.dtype | None, res: Tensor | tuple[Tensor, Tensor]) -> Tensor | tuple[Tensor, Tensor]:

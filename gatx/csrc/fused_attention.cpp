@@ -160,6 +160,13 @@ struct Args {
   int v_shared;      // v has one head that every head reads (the SV instantiations)
   int64_t q_stride;  // H (additive) or H * Dk (dot) unless q is a column slice; the single pass packs q with dq
   int64_t k_stride, v_stride, out_stride, dk_stride, dq_stride;  // row strides (elements)
+  // GATv2's score (kV2): q = fd, k = v = fs (rows of H x Dk, Dk == Dv), av = attn (H, Dk), ee the optional
+  // per-edge term (E, H, Dk); its backward (gat2_backward) writes attn's and ee's gradients into dav and
+  // dee (each or null)
+  const T* av;
+  const T* ee;
+  T* dav;
+  T* dee;
 };
 
 template <typename T, int DC>
@@ -288,13 +295,40 @@ inline void shared_dots(const T* __restrict g, const T* __restrict v, T* __restr
   }
 }
 
-// The score s of edge (i <- j, id e) for all heads; fac[h] = ds/dz (additive) or 1.
-// Branch free (the sign of z is random: a branch per head would mispredict half the time).
-template <typename T, bool DOT, int HC, int DC>
-inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restrict s, T* __restrict fac) {
+// The score kinds (template parameter SC): additive (GAT's scalar terms), dot product, and GATv2's
+// vector score, kV2: z = q[i,h,:] + k[j,h,:] (+ ee[e,h,:]), s = sum_d av[h,d] * lrelu(z[h,d]) (+ bias).
+constexpr int kAdd = 0, kDot = 1, kV2 = 2;
+
+// The score s of edge (i <- j, id e) for all heads; fac[h] = ds/dz (additive) or 1. kV2 also leaves z
+// and lrelu(z) (H x Dk each) in zb for the backward. Branch free (the sign of z is random: a branch per
+// head would mispredict half the time).
+template <typename T, int SC, int HC, int DC>
+inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restrict s, T* __restrict fac,
+                   T* __restrict zb = nullptr) {
   const int64_t H = HC ? HC : A.H;
   const T* __restrict b = A.bias ? A.bias + e * H : nullptr;
-  if (DOT) {
+  if constexpr (SC == kV2) {
+    const int64_t HD = H * (DC ? DC : A.Dk);
+    const T* __restrict qi = A.q + i * A.q_stride;
+    const T* __restrict kj = A.k + j * A.k_stride;
+    const T* __restrict er = A.ee ? A.ee + e * HD : nullptr;
+    const T slope = A.slope;
+    T* __restrict z = zb;
+    T* __restrict lr = zb + HD;
+    // (fs + fd) + ee, as gat2_score_impl's passes and the written-out form add them
+#pragma omp simd
+    for (int64_t x = 0; x < HD; ++x) {
+      const T zx = (kj[x] + qi[x]) + (er ? er[x] : T(0));
+      z[x] = zx;
+      lr[x] = zx * (zx > 0 ? T(1) : slope);
+    }
+    head_dots<T, HC, DC>(A.av, lr, s, H, DC ? DC : A.Dk);
+#pragma omp simd
+    for (int64_t h = 0; h < H; ++h) {
+      s[h] += b ? b[h] : T(0);
+      fac[h] = 1;
+    }
+  } else if (SC == kDot) {
     const int64_t Dk = DC ? DC : A.Dk;  // specialised dot kernels have Dk == Dv (see run)
     const T scale = A.scale;
     head_dots<T, HC, DC>(A.q + i * A.q_stride, A.k + j * A.k_stride, s, H, Dk);
@@ -352,10 +386,10 @@ inline void store_out(T* __restrict out, const T* __restrict acc, const T* __res
 
 // ---------------------------------------------------------------- forward (rows = dst nodes)
 // Returns 2 when an index is out of range (see bad_row), else 0.
-template <typename T, bool DOT, int HC, int DC, bool SV>
+template <typename T, int SC, int HC, int DC, bool SV>
 int forward(const Args<T>& args) {
   const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, vw = SV ? Dv : H * Dv;  // vw: a v row's width
-  const int64_t kw = DOT ? H * (DC ? DC : args.Dk) : H, n_edges = args.indptr[args.n_rows];
+  const int64_t kw = SC == kAdd ? H : H * (DC ? DC : args.Dk), n_edges = args.indptr[args.n_rows];
   const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
   int bad = 0;
 #pragma omp parallel num_threads(args.nthreads) reduction(| : bad)
@@ -373,6 +407,9 @@ int forward(const Args<T>& args) {
     std::vector<T> buf, vec(HC ? 0 : 6 * H), acc(DC && HC ? 0 : H * Dv);
     alignas(64) T stk[HC ? 6 * HC : 1];
     alignas(64) T acc_stk[HC && DC ? HC * DC : 1];
+    std::vector<T> zv(SC == kV2 && !(HC && DC) ? 2 * kw : 0);  // kV2: z and lrelu(z) of one edge
+    alignas(64) T z_stk[SC == kV2 && HC && DC ? 2 * HC * DC : 1];
+    T* __restrict zb = SC == kV2 && HC && DC ? z_stk : zv.data();
     T* __restrict m = HC ? stk : vec.data();
     T* __restrict accp = HC && DC ? acc_stk : acc.data();
     T* __restrict l = m + H;
@@ -403,13 +440,14 @@ int forward(const Args<T>& args) {
         if (p0 + t + kFar < n_edges) {  // k and v rows into L2 first, as the backward passes do
           const int64_t jf = nbr[p0 + t + kFar];
           prefetch_row<2>(A.k, jf, A.k_stride, kw);
-          prefetch_row<2>(v, jf, A.v_stride, vw);
+          if (SC != kV2) prefetch_row<2>(v, jf, A.v_stride, vw);  // kV2: v is k
         }
         if (p0 + t + kAhead < n_edges) {
           const int64_t ja = nbr[p0 + t + kAhead];
           prefetch_row(A.k, ja, A.k_stride, kw);
           if (A.bias) prefetch_row(A.bias, eid[p0 + t + kAhead], H, H);
-          prefetch_row(v, ja, A.v_stride, vw);  // for the third loop
+          if (A.ee) prefetch_row(A.ee, eid[p0 + t + kAhead], kw, kw);
+          if (SC != kV2) prefetch_row(v, ja, A.v_stride, vw);  // for the third loop
         }
         const int64_t j = nbr[p0 + t], e = eid[p0 + t];
         if (bad_edge(j, e, A.n_other, n_edges)) {
@@ -417,7 +455,7 @@ int forward(const Args<T>& args) {
           break;
         }
         T* s = sb + t * H;
-        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
+        scores<T, SC, HC, DC>(A, i, j, e, s, fac, zb);
 #pragma omp simd
         for (int64_t h = 0; h < H; ++h) m[h] = std::max(m[h], s[h]);
       }
@@ -475,8 +513,10 @@ int forward(const Args<T>& args) {
 
 // ---------------------------------------------------------------- backward pass A (rows = dst nodes)
 // delta (into stat), dq (out; additive (N_dst, H), dot (N_dst, H, Dk)), dbias (attn), dw; 2 on a bad index
-template <typename T, bool DOT, int HC, int DC, bool SV>
+template <typename T, int SC, int HC, int DC, bool SV>
 int backward_dst(const Args<T>& args) {
+  static_assert(SC != kV2, "GATv2's score runs the single backward pass only");
+  constexpr bool DOT = SC == kDot;
   const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk, vw = SV ? Dv : H * Dv;
   const int64_t qw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows];
   const int64_t chunk = chunk_for(args.n_rows, args.nthreads);
@@ -528,7 +568,7 @@ int backward_dst(const Args<T>& args) {
           bad = 1;
           break;
         }
-        scores<T, DOT, HC, DC>(A, i, j, e, s, fac);
+        scores<T, SC, HC, DC>(A, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         if (SV) {
           shared_dots<T, HC>(gi, A.v + j * A.v_stride, da, H, Dv);
@@ -628,15 +668,17 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
 // from run to run on several threads; passes 1 + 2 give the same bits on any thread count.
 // Pass B (o null): delta is already in stat (pass A wrote it, with the attention gradient ga, which da
 // then includes); only dv and dk, each row summed in edge order. 2 on a bad index.
-template <typename T, bool DOT, int HC, int DC, bool SV>
+template <typename T, int SC, int HC, int DC, bool SV>
 int backward_single(const Args<T>& args) {
+  static_assert(SC != kV2, "GATv2's score has its own backward (gat2_backward)");
+  constexpr bool DOT = SC == kDot;
   const int64_t H = HC ? HC : args.H, Dv = DC ? DC : args.Dv, Dk = DC ? DC : args.Dk, vw = SV ? Dv : H * Dv;
-  const int64_t kw = DOT ? H * Dk : H, n_edges = args.indptr[args.n_rows], n_dst = args.n_other;
+  const int64_t kw = SC == kAdd ? H : H * Dk, n_edges = args.indptr[args.n_rows], n_dst = args.n_other;
   // dq partial sums: every thread adds into its own zeroed slice of (n_dst) rows, summed into dq at the end.
   // Packed (additive scores, a row of q and dq within one cache line): a slice's rows are [q_i | dq_i]
   // (64-byte aligned), so an edge's read of q_i and its add into dq_i touch one line, not two (100k
   // nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in alternating runs).
-  const bool pack = args.dq && !DOT && 2 * kw * int64_t(sizeof(T)) <= 64;
+  const bool pack = args.dq && SC == kAdd && 2 * kw * int64_t(sizeof(T)) <= 64;
   const int64_t qd = pack ? 2 * kw : kw, dq_at = pack ? kw : 0;  // a slice's row stride; dq's offset in a row
   // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
   const int64_t per_thread = std::max<int64_t>(1, n_dst * qd * int64_t(sizeof(T)));
@@ -719,7 +761,7 @@ int backward_single(const Args<T>& args) {
           bad = 1;
           break;
         }
-        scores<T, DOT, HC, DC>(B, i, j, e, s, fac);
+        scores<T, SC, HC, DC>(B, i, j, e, s, fac);
         edge_factor<T, HC>(A, e, c, kd);
         const T* gi = A.g + i * H * Dv;
         const T* lse_i = A.stat + i * 2 * H;
@@ -787,50 +829,199 @@ int backward_single(const Args<T>& args) {
   return bad ? 2 : 0;
 }
 
-template <typename T, bool DOT, int HC, int DC, bool SV = false>
+// ---------------------------------------------------------------- GATv2's backward (rows = dst nodes)
+// Every gradient of GATv2's attention (kV2) in one pass over the dst rows. Per row i: delta = <g[i], o[i]>;
+// per edge (j, e), recomputed: z, s and p = exp(s - lse[i]); da = <g[i], fs[j]>, dz = p (c da - delta) and
+// t = dz[h] * av[h,:] * lrelu'(z) (z's gradient). Then fd[i] += t (in registers), dee[e] = t, dav += dz[h] *
+// lrelu(z) (per thread), and fs[j] += p c g[i] + t, scattered into a zeroed sum per thread (the first thread's
+// is out itself, the others' are buffers added into it at the end). An edge reads one random row (fs[j]) and adds into one (its thread's fs[j] sum): a pass over the src
+// rows reads three (fd[i], g[i] and the row statistics) and adds into fd[i]'s sum (100k nodes, 2.1M
+// edges, 8 x 8, 2 threads: 138 -> MEASURE ms). The sums' last bits depend on which thread ran which rows.
+// Outputs: out = dfs, dq = dfd, dav, dee (each or null). 2 on a bad index.
+template <typename T, int HC, int DC>
+int gat2_backward(const Args<T>& args) {
+  const int64_t H = HC ? HC : args.H, D = DC ? DC : args.Dk, kw = H * D;
+  const int64_t n_edges = args.indptr[args.n_rows], n_src = args.n_other;
+  // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
+  const int64_t per_thread = std::max<int64_t>(1, n_src * kw * int64_t(sizeof(T)));
+  const int nt = args.out ? static_cast<int>(std::min<int64_t>(args.nthreads, 1 + (int64_t(1) << 30) / per_thread))
+                          : args.nthreads;
+  std::unique_ptr<T[]> extra(args.out && nt > 1 ? new T[(nt - 1) * n_src * kw + 64 / sizeof(T)] : nullptr);
+  T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.get()) + 63) & ~uintptr_t(63));
+  const int64_t chunk = chunk_for(args.n_rows, nt), chunk_src = chunk_for(n_src, nt);
+  if (args.dav) std::fill(args.dav, args.dav + kw, T(0));
+  int bad = 0;
+#pragma omp parallel num_threads(nt) reduction(| : bad)  // one region: the zeroed sums, the edges, their reduction
+  {
+    const Args<T>& A = args;
+    if (A.out) {
+#pragma omp for schedule(static)
+      for (int64_t r = 0; r < nt * n_src; ++r) {
+        T* row = r < n_src ? A.out + r * A.out_stride : base + (r - n_src) * kw;
+        std::fill(row, row + kw, T(0));
+      }
+    }
+    const int tid = omp_get_thread_num();
+    T* __restrict dfst = !A.out ? nullptr : tid == 0 ? A.out : base + (tid - 1) * n_src * kw;
+    const int64_t fst = tid == 0 ? A.out_stride : kw;  // dfst's row stride
+    std::vector<T> vec(8 * H), zv(4 * kw), davs(A.dav ? kw : 0);
+    T* __restrict s = vec.data();
+    T* __restrict fac = s + H;
+    T* __restrict c = fac + H;
+    T* __restrict kd = c + H;
+    T* __restrict p = kd + H;
+    T* __restrict da = p + H;
+    T* __restrict dz = da + H;
+    T* __restrict delta = dz + H;
+    T* __restrict zb = zv.data();  // z, lrelu(z) (scores), t
+    T* __restrict tb = zb + 2 * kw;
+    T* __restrict accq = tb + kw;  // fd[i]'s gradient
+    const T slope = A.slope;
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < A.n_rows; ++i) {
+      const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
+      if (bad || bad_row(p0, p0 + deg, n_edges)) {
+        bad = 1;
+        continue;
+      }
+      const T* __restrict gi = A.g + i * kw;
+      const T* __restrict lse_i = A.stat + i * 2 * H;
+      head_dots<T, HC, DC>(gi, A.o + i * kw, delta, H, D);
+      std::fill(accq, accq + kw, T(0));
+      for (int64_t t = 0; t < deg; ++t) {
+        if (p0 + t + kFar < n_edges) {  // the src rows (and their sums) into L2 first, then L1
+          const int64_t jf = A.nbr[p0 + t + kFar];
+          prefetch_row<2>(A.k, jf, A.k_stride, kw);
+          if (dfst) prefetch_row<2, 1>(dfst, jf, fst, kw);
+        }
+        if (p0 + t + kAhead < n_edges) {
+          const int64_t ja = A.nbr[p0 + t + kAhead], ea = A.eid[p0 + t + kAhead];
+          prefetch_row(A.k, ja, A.k_stride, kw);
+          if (dfst) prefetch_row<3, 1>(dfst, ja, fst, kw);
+          if (A.ee) prefetch_row(A.ee, ea, kw, kw);
+          if (A.keep) prefetch_row(A.keep, ea, H, H);
+        }
+        const int64_t j = A.nbr[p0 + t], e = A.eid[p0 + t];
+        if (bad_edge(j, e, A.n_other, n_edges)) {
+          bad = 1;
+          break;
+        }
+        scores<T, kV2, HC, DC>(A, i, j, e, s, fac, zb);
+        edge_factor<T, HC>(A, e, c, kd);
+        const T* __restrict kj = A.k + j * A.k_stride;
+        head_dots<T, HC, DC>(gi, kj, da, H, D);
+#pragma omp simd
+        for (int64_t h = 0; h < H; ++h) {
+          p[h] = fast_exp(s[h] - lse_i[h]);
+          dz[h] = p[h] * (c[h] * da[h] - delta[h]);
+          p[h] *= c[h];  // the attention weight a
+        }
+        const T* __restrict z = zb;
+        const T* __restrict lr = zb + kw;
+        for (int64_t h = 0; h < H; ++h) {
+          const T dzh = dz[h];
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) tb[h * D + d] = dzh * A.av[h * D + d] * (z[h * D + d] > 0 ? T(1) : slope);
+        }
+#pragma omp simd
+        for (int64_t x = 0; x < kw; ++x) accq[x] += tb[x];
+        if (A.dee) std::copy(tb, tb + kw, A.dee + e * kw);
+        if (A.dav) {
+          T* __restrict dav = davs.data();
+          for (int64_t h = 0; h < H; ++h) {
+            const T dzh = dz[h];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) dav[h * D + d] += dzh * lr[h * D + d];
+          }
+        }
+        if (dfst) {  // fs[j] += a g[i] + t
+          T* __restrict fj = dfst + j * fst;
+          for (int64_t h = 0; h < H; ++h) {
+            const T ah = p[h];
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) fj[h * D + d] += ah * gi[h * D + d] + tb[h * D + d];
+          }
+        }
+      }
+      if (bad) continue;
+      if (A.dq) std::copy(accq, accq + kw, A.dq + i * A.dq_stride);
+    }
+    if (A.dav) {
+#pragma omp critical(gatx_dav)
+      for (int64_t x = 0; x < kw; ++x) A.dav[x] += davs[x];
+    }
+    if (A.out && nt > 1) {
+#pragma omp for schedule(dynamic, chunk_src)
+      for (int64_t row = 0; row < n_src; ++row) {
+        T* __restrict dst = A.out + row * A.out_stride;
+        for (int t = 1; t < nt; ++t) {
+          const T* __restrict part = base + ((t - 1) * n_src + row) * kw;
+#pragma omp simd
+          for (int64_t col = 0; col < kw; ++col) dst[col] += part[col];
+        }
+      }
+    }
+  }
+  return bad ? 2 : 0;
+}
+
+template <typename T, int SC, int HC, int DC, bool SV = false>
 int run3(int which, const Args<T>& A) {
-  if (which == 0) return forward<T, DOT, HC, DC, SV>(A);
-  if (which == 1) return backward_dst<T, DOT, HC, DC, SV>(A);
-  return backward_single<T, DOT, HC, DC, SV>(A);  // 2 (pass B) and 3
+  if (which == 0) return forward<T, SC, HC, DC, SV>(A);
+  if constexpr (SC == kV2) {  // the forward and its own backward only (entry checks)
+    return gat2_backward<T, HC, DC>(A);
+  } else {
+    if (which == 1) return backward_dst<T, SC, HC, DC, SV>(A);
+    return backward_single<T, SC, HC, DC, SV>(A);  // 2 (pass B) and 3
+  }
 }
 
 // Compile-time head count / width for the common float32 shapes (GAT 8 x 8; per-head widths of
 // vision and transformer models); everything else, and float64, runs the generic instantiation.
-// A specialised dot kernel takes its key width from DC too, so it needs Dk == Dv.
-template <typename T, bool DOT>
+// A specialised dot (or kV2) kernel takes its key width from DC too, so it needs Dk == Dv.
+template <typename T, int SC>
 int run(int which, const Args<T>& A) {
-  if (A.v_shared) {  // shared values: any widths; 8 heads (GAT's usual count) with its accumulators in registers
-    return A.H == 8 ? run3<T, DOT, 8, 0, true>(which, A) : run3<T, DOT, 0, 0, true>(which, A);
+  if constexpr (SC != kV2) {
+    if (A.v_shared) {  // shared values: any widths; 8 heads (GAT's usual count) with its accumulators in registers
+      return A.H == 8 ? run3<T, SC, 8, 0, true>(which, A) : run3<T, SC, 0, 0, true>(which, A);
+    }
   }
-  if (std::is_same<T, float>::value && (!DOT || A.Dk == A.Dv)) {
-    if (A.H == 8 && A.Dv == 8) return run3<T, DOT, 8, 8>(which, A);
+  if (std::is_same<T, float>::value && (SC == kAdd || A.Dk == A.Dv)) {
+    if (A.H == 8 && A.Dv == 8) return run3<T, SC, 8, 8>(which, A);
     switch (A.Dv) {
-      case 8: return run3<T, DOT, 0, 8>(which, A);
-      case 16: return run3<T, DOT, 0, 16>(which, A);
-      case 32: return run3<T, DOT, 0, 32>(which, A);
-      case 64: return run3<T, DOT, 0, 64>(which, A);
+      case 8: return run3<T, SC, 0, 8>(which, A);
+      case 16: return run3<T, SC, 0, 16>(which, A);
+      case 32: return run3<T, SC, 0, 32>(which, A);
+      case 64: return run3<T, SC, 0, 64>(which, A);
       default: break;
     }
   }
-  return run3<T, DOT, 0, 0>(which, A);
+  return run3<T, SC, 0, 0>(which, A);
 }
 
 // strides: the row strides (elements) of q, k, v, out, dk and dq; null for contiguous rows. Each must
-// be at least its row's width (overlapping output rows would race).
+// be at least its row's width (overlapping output rows would race). mode: the score kind (kAdd, kDot,
+// kV2); kV2 takes av (and ee, dav, dee: see Args) and k and v the same rows, and runs the forward (which 0)
+// and its own backward (which 1: gat2_backward, rows = dst nodes; out = dfs, dq = dfd).
 template <typename T>
-int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
+int entry(int which, int mode, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H, int64_t Dk, int64_t Dv, const int64_t* indptr,
           const int64_t* nbr, const int64_t* eid, const T* q, const T* k, const T* v, const T* bias,
           const T* ew, int ew_heads, const uint8_t* keep, double keep_scale, double scale, double slope,
           const T* g, const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,
-          const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared) {
-  if (which < 0 || which > 3 || H < 0 || Dk < 0 || Dv < 0) return 1;
+          const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared, const T* av, const T* ee,
+          T* dav, T* dee) {
+  if (which < 0 || which > 3 || mode < kAdd || mode > kV2 || H < 0 || Dk < 0 || Dv < 0) return 1;
+  if (mode == kV2 ? (which > 1 || v_shared || Dk != Dv || k != v || dk || (!av && H * Dk > 0) || (dee && !ee) ||
+                     ((dav || dee) && which != 1) || (which == 1 && (ga || ((!g || !o || !stat) && n_rows * H * Dv > 0))))
+                  : (av || ee || dav || dee))
+    return 1;
   // the output bias: added by the forward, read (with its gradient) by the single pass only
   if ((ob && which != 0 && which != 3) || (dob && (which != 3 || !ob))) return 1;
   // the single pass needs g, o and stat (unless they are empty), and no ga
   if (which == 3 && (ga || ((!g || !o || !stat) && n_other * H * Dv > 0))) return 1;
   // pass B reads delta from stat (pass A wrote it) and writes dv and dk only
   if (which == 2 && (o || dq || attn || dw)) return 1;
-  const int64_t kw = dot ? H * Dk : H;  // the width of a row of q or k
+  const int64_t kw = mode != kAdd ? H * Dk : H;  // the width of a row of q or k
   // q k v out dk dq; out: (N, H, Dv) in the forward, v's width in pass B / single (dv), q's in pass A (dq)
   const int64_t vw = v_shared ? Dv : H * Dv;  // the width of a row of v (and of dv)
   const int64_t width[6] = {kw, kw, vw, which == 0 ? H * Dv : which == 1 ? kw : vw, kw, kw};
@@ -850,9 +1041,11 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
   const int threads = work < (int64_t(1) << 21) ? 1 : std::max(1, nthreads);
   Args<T> A{n_rows, n_other, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep,
             static_cast<T>(keep_scale), static_cast<T>(scale), static_cast<T>(slope), g, ga, stat,
-            out, attn, dk, dw, o, dq, ob, dob, threads, v_shared != 0, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5]};
+            out, attn, dk, dw, o, dq, ob, dob, threads, v_shared != 0, stride[0], stride[1], stride[2], stride[3], stride[4], stride[5],
+            av, ee, dav, dee};
   try {  // an exception must not cross the C interface (std::terminate): 3 = out of memory
-    return dot ? run<T, true>(which, A) : run<T, false>(which, A);
+    if (mode == kV2) return run<T, kV2>(which, A);
+    return mode == kDot ? run<T, kDot>(which, A) : run<T, kAdd>(which, A);
   } catch (const std::bad_alloc&) {
     return 3;
   }
@@ -861,19 +1054,21 @@ int entry(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, 
 }  // namespace
 
 // which: 0 forward, 1 backward pass over dst rows, 2 backward pass over src rows, 3 the single
-// backward pass over src rows (see Args and backward_single). Returns 0, 1 for bad arguments, 2 for
-// indices out of range, 3 when a buffer cannot be allocated.
+// backward pass over src rows (see Args and backward_single); mode: 0 additive, 1 dot, 2 GATv2's score
+// (see entry: which 1 is then gat2_backward). Returns 0, 1 for bad arguments, 2 for indices out of range, 3 when a buffer cannot be
+// allocated.
 #define GATX_ENTRY(NAME, T)                                                                              \
-  extern "C" int NAME(int which, int dot, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H,  \
+  extern "C" int NAME(int which, int mode, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H,  \
                       int64_t Dk, int64_t Dv,                                                           \
                       const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* q,        \
                       const T* k, const T* v, const T* bias, const T* ew, int ew_heads,                 \
                       const uint8_t* keep, double keep_scale, double scale, double slope, const T* g,   \
                       const T* ga, T* stat, T* out, T* attn, T* dk, T* dw, const T* o, T* dq,           \
-                      const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared) {        \
-    return entry<T>(which, dot, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
+                      const T* ob, T* dob, const int64_t* strides, int nthreads, int v_shared,          \
+                      const T* av, const T* ee, T* dav, T* dee) {                                       \
+    return entry<T>(which, mode, n_rows, n_other, n_edges, H, Dk, Dv, indptr, nbr, eid, q, k, v, bias, ew, ew_heads, keep, \
                     keep_scale, scale, slope, g, ga, stat, out, attn, dk, dw, o, dq, ob, dob, strides, nthreads, \
-                    v_shared);                                                                          \
+                    v_shared, av, ee, dav, dee);                                                        \
   }
 
 GATX_ENTRY(gatx_fused_f32, float)
@@ -1042,4 +1237,4 @@ int gat2_score(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int6
 GATX_GAT2_ENTRY(gatx_gat2_score_f32, float)
 GATX_GAT2_ENTRY(gatx_gat2_score_f64, double)
 
-extern "C" int gatx_fused_abi_version() { return 10; }
+extern "C" int gatx_fused_abi_version() { return 11; }

@@ -53,6 +53,40 @@ class _NodeScore(torch.autograd.Function):
         return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, dee, None, None
 
 
+class _FusedGAT2(torch.autograd.Function):
+    """GATv2's score, softmax, attention dropout and aggregation in one kernel pass over the CSR, the score of
+    each edge computed from the node rows as it is used (:func:`gatx.backends.fused.gat2_attention`), and
+    the backward in one more such pass: neither the (E, H) scores nor their gradient is made, and each pass
+    reads an edge's src row once (the score and the message are the same row). Saves the inputs, the output
+    and the per-row log-sum-exp. A backward that builds a graph (``create_graph=True``)
+    differentiates the written-out form recomputed from the inputs."""
+
+    @staticmethod
+    def forward(ctx, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, keep: Tensor | None, keep_scale: float,
+                slope: float, graph: Any) -> Tensor:
+        out, stat = fused.gat2_attention(graph, fs, fd, attn[0], ee, slope, keep, keep_scale)
+        ctx.save_for_backward(fs, fd, attn, ee, keep, stat, out)
+        ctx.keep_scale, ctx.slope, ctx.graph = keep_scale, slope, graph
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        fs, fd, attn, ee, keep, stat, out = ctx.saved_tensors
+        graph, slope, keep_scale = ctx.graph, ctx.slope, ctx.keep_scale
+        want = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            # fresh aliases: fd may be a slice of fs (shared weights), each input's gradient counts its own uses
+            inputs = tuple(t.view_as(t) if t is not None else None for t in (fs, fd, attn, ee))
+            s = (F.leaky_relu(ops.gat_score(graph, *inputs[:2], inputs[3], backend="torch"), slope) * inputs[2]).sum(-1)
+            zq, zk = s.new_zeros((graph.num_dst, s.shape[1])), s.new_zeros((graph.num_src, s.shape[1]))
+            o, _ = fused.reference(graph.src, graph.dst, graph.num_dst, zq, zk, inputs[0], s, None, keep, False, 1.0, 1.0,
+                                   keep_scale)  # given scores: additive with zero node terms and slope 1
+            return wanted_grads(o, inputs, want, g, create_graph=True) + (None,) * 4
+        dfs, dfd, dattn, dee = fused.gat2_attention_backward(graph, fs, fd, attn[0], ee, slope, keep, keep_scale, stat,
+                                                             out, g, want)
+        return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, dee, None, None, None, None
+
+
 class _LeakyScore(torch.autograd.Function):
     """GATv2's per-edge scores ``(leaky_relu(pre) * attn).sum(-1)`` (E, H) for ``pre`` (E, H, D) and ``attn``
     (1, H, D), where :class:`_NodeScore` does not run (half precision, other devices and backends): the
@@ -226,7 +260,16 @@ class GATv2Conv(nn.Module):
             ee = self.fc_edge(edge_feat).view(g.num_edges, H, D).repeat(1, S, 1)  # (E, S*H, D)
         attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
         slope = self.leaky_relu.negative_slope
-        if backend in (None, "fused") and not torch.compiler.is_compiling() and _on_kernel(feat_src, feat_dst, attn, ee):
+        kernel = backend in (None, "fused") and not torch.compiler.is_compiling() and _on_kernel(feat_src, feat_dst, attn, ee)
+        if (kernel and not get_attention and not torch.are_deterministic_algorithms_enabled()
+                and fused.gat2_fits(g.num_src, S * H * D, feat_src.dtype)):
+            # score, softmax, attention dropout and aggregation in one kernel; when the attention is returned, or
+            # torch asks for deterministic algorithms (this backward sums fs's gradient per thread), the score and
+            # the attention run as two calls below
+            keep, keep_scale = fused.keep_mask(g.num_edges, S * H, self.attn_drop.p if self.training else 0.0)
+            rst = _FusedGAT2.apply(feat_src, feat_dst, attn, ee, keep, keep_scale, slope, g)
+            return self._finish(rst, h_dst, g, prefix)
+        if kernel:
             s = _NodeScore.apply(feat_src, feat_dst, attn, ee, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
         else:
             pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
@@ -239,12 +282,19 @@ class GATv2Conv(nn.Module):
         res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,
                                    training=self.training, return_attention=get_attention, backend=backend)
         rst, a = res if get_attention else (res, None)
-        rst = rst.view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
+        rst = self._finish(rst, h_dst, g, prefix)
+        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
+
+    def _finish(self, rst: Tensor, h_dst: Tensor, g: Any, prefix: tuple[int, ...]) -> Tensor:
+        """The aggregated rows (N_dst, S*H, D) as the layer's output (N_dst, *, H, D): the residual and the
+        activation applied."""
+        D = self._out_feats
+        rst = rst.view(g.num_dst, *prefix, self._num_heads, D)  # (N_dst, *, H, D)
         if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
             rst = rst + linear(self.res_fc, flat(h_dst)).view(g.num_dst, *prefix, -1, D)
         if self.activation is not None:
             rst = self.activation(rst)
-        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
+        return rst
 
     def extra_repr(self) -> str:
         s = f"in_feats={(self._in_src_feats, self._in_dst_feats)}, out_feats={self._out_feats}, num_heads={self._num_heads}"
