@@ -1,14 +1,15 @@
 """One GATv2 layer, forward + backward: gatx's ``GATv2Conv`` against DGL's and PyG's, same weights.
 
 GATv2 scores an edge with a vector, ``a . LeakyReLU(W_s h_j + W_d h_i)``, so no kernel takes per-node
-scalars as GAT's does: every system makes (E, H, D) edge tensors, and the layer is memory-bound on them
-(100k nodes, in-degree 20, 8 x 8 heads: 537 MB each). The random graphs are ``bench_gat.py``'s (in-degree
+scalars as GAT's does: DGL and PyG make (E, H, D) edge tensors (100k nodes, in-degree 20, 8 x 8 heads:
+537 MB each), and gatx gathers an edge's (H, D) rows instead, the score computed inside its attention
+kernel's passes. The random graphs are ``bench_gat.py``'s (in-degree
 20 plus a self-loop, 128 input features). The systems are timed alternately (one call each, repeated),
 so a change of load hits all of them; each is checked against gatx first (output and every parameter's
 gradient, relative difference at most ``--tol``). The 1-minute load average is recorded per case.
 
-gatx runs ``backend=None`` (on the CPU: the score from the node rows and the softmax and aggregation in
-one call, both on gatx's fused library; where it is unavailable, the default backend's edge primitives)
+gatx runs ``backend=None`` (on the CPU: the score, softmax and aggregation as one kernel of gatx's fused
+library; where it is unavailable, the default backend's edge primitives)
 and ``backend="torch"``. PyG's layer is built without added self-loops, its weights mapped from gatx's
 (``lin_l`` / ``lin_r`` are ``fc_src`` / ``fc_dst``, its output bias zero).
 

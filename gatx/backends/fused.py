@@ -16,7 +16,9 @@ falls back to the other backends. The kernel checks its indices' bounds itself o
 
 The library also runs GATv2's per-edge vector score for ``GATv2Conv`` from the node rows (and the edge
 features' term, when given) over the CSR and CSC, without the (E, H, D) pre-activations that written
-out make four (E, H, D) tensors with the LeakyReLU, the product and their gradients (:func:`gat2_score`).
+out make four (E, H, D) tensors with the LeakyReLU, the product and their gradients (:func:`gat2_score`);
+and GATv2's whole attention as one kernel, the score computed per edge inside the forward's pass over
+the CSR and the backward's second one (:func:`gat2_attention`, no (E, H) scores either).
 
 Dropout draws a (E, H) keep-mask with ``torch.bernoulli_``, consuming the RNG exactly as
 ``F.dropout`` on the (E, H) attention does: with the same seed the fused and composed backends drop
