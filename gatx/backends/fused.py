@@ -263,19 +263,21 @@ def _gat2_args(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | 
 
 
 def gat2_attention(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float,
-                   keep: Tensor | None, keep_scale: float) -> tuple[Tensor, Tensor]:
+                   keep: Tensor | None, keep_scale: float, want_attn: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
     """GATv2's attention in one pass over the CSR, the score computed per edge as it is used:
     ``out[i] = sum_e a_e * fs[src_e]`` with ``a`` the dst-row softmax of ``(leaky_relu(fs[src] + fd[dst] (+ ee),
     slope) * attn).sum(-1)`` (times the dropout ``keep`` mask and ``keep_scale``), for ``fs`` (num_src, H, D),
     ``fd`` (num_dst, H, D), ``attn`` (H, D), ``ee`` (E, H, D) or None. Neither the (E, H) scores nor any
-    (E, H, D) tensor is made. Returns (out (num_dst, H, D), the per-row statistics its backward reads)."""
+    (E, H, D) tensor is made unless ``want_attn``. Returns (out (num_dst, H, D), the per-row statistics its
+    backward reads, the attention ``a`` (E, H) when ``want_attn``, else None)."""
     fs, fd, attn, ee = _gat2_args(graph, fs, fd, attn, ee)
     H, D = attn.shape
     csr = graph.csr()
     out, stat = fs.new_empty((graph.num_dst, H, D)), fs.new_empty((graph.num_dst, 2, H))
+    a = fs.new_empty((graph.num_edges, H)) if want_attn else None
     _call(0, False, (csr.indptr, csr.src, csr.perm, graph.num_src), fd, fs, fs, None, None, keep, keep_scale, 1.0, slope,
-          stat, out=out, v2=(attn, ee, None, None))
-    return out, stat
+          stat, out=out, attn=a, v2=(attn, ee, None, None))
+    return out, stat, a
 
 
 def gat2_attention_backward(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float,

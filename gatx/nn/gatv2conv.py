@@ -64,7 +64,7 @@ class _FusedGAT2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, keep: Tensor | None, keep_scale: float,
                 slope: float, graph: Any) -> Tensor:
-        out, stat = fused.gat2_attention(graph, fs, fd, attn[0], ee, slope, keep, keep_scale)
+        out, stat, _ = fused.gat2_attention(graph, fs, fd, attn[0], ee, slope, keep, keep_scale)
         ctx.save_for_backward(fs, fd, attn, ee, keep, stat, out)
         ctx.keep_scale, ctx.slope, ctx.graph = keep_scale, slope, graph
         return out
@@ -151,10 +151,13 @@ class GATv2Conv(nn.Module):
         share_weights: ``fc_dst`` is ``fc_src`` (default False).
         edge_feats: width of optional edge features added before the LeakyReLU (gatx extension).
         backend: ``None``, ``"dgl"`` or ``"torch"``. With ``None`` on float32 / float64 CPU inputs and the
-            fused library available, the per-edge vector score is computed from the node rows (and the
-            edge features' term) without (E, H, D) pre-activations, and the softmax, attention dropout
-            and aggregation are one ``sparse_attention`` call with the scores as given logits (the fused
-            kernel). Otherwise the chosen backend's ``gat_score`` / ``edge_softmax`` / ``aggregate``.
+            fused library available, the score, softmax, attention dropout and aggregation run as one
+            kernel, each edge's vector score computed from the node rows (and the edge features' term)
+            as it is used, with no (E, H, D) pre-activations and no (E, H) scores; its backward is one
+            more pass. When a gradient is to come and the attention is returned (or torch asks for
+            deterministic algorithms), the score is computed on its own, still from the node rows, and
+            the rest is one ``sparse_attention`` call with the scores as given logits. Otherwise the
+            chosen backend's ``gat_score`` / ``edge_softmax`` / ``aggregate``.
 
     Shapes:
         - input: ``feat`` (N, *, in_feats) dense, (N, in_feats) sparse, or a pair
@@ -261,12 +264,18 @@ class GATv2Conv(nn.Module):
         attn = self.attn.repeat(1, S, 1) if S != 1 else self.attn  # (1, S*H, D)
         slope = self.leaky_relu.negative_slope
         kernel = backend in (None, "fused") and not torch.compiler.is_compiling() and _on_kernel(feat_src, feat_dst, attn, ee)
-        if (kernel and not get_attention and not torch.are_deterministic_algorithms_enabled()
-                and fused.gat2_fits(g.num_src, S * H * D, feat_src.dtype)):
-            # score, softmax, attention dropout and aggregation in one kernel; when the attention is returned, or
-            # torch asks for deterministic algorithms (this backward sums fs's gradient per thread), the score and
-            # the attention run as two calls below
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (feat_src, feat_dst, attn, ee))
+        if kernel and (not grad or (not get_attention and not torch.are_deterministic_algorithms_enabled()
+                                    and fused.gat2_fits(g.num_src, S * H * D, feat_src.dtype))):
+            # score, softmax, attention dropout and aggregation in one kernel (without a gradient to come, the
+            # forward alone, which also writes the attention when asked). With a gradient, when the attention is
+            # returned, or torch asks for deterministic algorithms (this backward sums fs's gradient per
+            # thread), the score and the attention run as two calls below.
             keep, keep_scale = fused.keep_mask(g.num_edges, S * H, self.attn_drop.p if self.training else 0.0)
+            if not grad:
+                rst, _, a = fused.gat2_attention(g, feat_src, feat_dst, attn[0], ee, slope, keep, keep_scale, get_attention)
+                rst = self._finish(rst, h_dst, g, prefix)
+                return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
             rst = _FusedGAT2.apply(feat_src, feat_dst, attn, ee, keep, keep_scale, slope, g)
             return self._finish(rst, h_dst, g, prefix)
         if kernel:

@@ -161,18 +161,22 @@ def test_layer_matches_torch_backend(share_weights, training):
 
 
 def test_layer_routes(monkeypatch):
-    """The layer takes the one-kernel path by default; the two-call path (score, then attention) when the
-    attention is returned, when torch asks for deterministic algorithms, or when the per-thread sums would
-    pass 1 GiB; all give the same output."""
-    calls = []
-    real = _FusedGAT2.apply
-    monkeypatch.setattr(gatx.nn.gatv2conv._FusedGAT2, "apply", lambda *a: calls.append(1) or real(*a))
+    """With a gradient to come, the layer takes the one-kernel path by default; the two-call path (score,
+    then attention) when the attention is returned, when torch asks for deterministic algorithms, or when
+    the per-thread sums would pass 1 GiB. Without one, the kernel's forward alone, the attention too. All
+    give the same output."""
+    calls = {"fn": 0, "forward": 0}
+    real_fn, real_fwd = _FusedGAT2.apply, fused.gat2_attention
+    monkeypatch.setattr(gatx.nn.gatv2conv._FusedGAT2, "apply", lambda *a: calls.update(fn=calls["fn"] + 1) or real_fn(*a))
+    monkeypatch.setattr(fused, "gat2_attention",
+                        lambda *a, **k: calls.update(forward=calls["forward"] + 1) or real_fwd(*a, **k))
     g = bipartite(30, 30, 200, seed=9)
     layer = gatx.GATv2Conv(5, 4, 2, allow_zero_in_degree=True).double()
     x = torch.randn(30, 5, dtype=torch.float64)
     ref = layer(g, x)
-    assert calls == [1]
-    torch.testing.assert_close(layer(g, x, get_attention=True)[0], ref, rtol=1e-13, atol=1e-13)
+    assert calls == {"fn": 1, "forward": 1}  # the Function's forward calls the kernel's
+    out, a = layer(g, x, get_attention=True)
+    torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
     was = torch.are_deterministic_algorithms_enabled()
     try:
         torch.use_deterministic_algorithms(True)
@@ -181,4 +185,29 @@ def test_layer_routes(monkeypatch):
         torch.use_deterministic_algorithms(was)
     monkeypatch.setattr(fused, "gat2_fits", lambda *a: False)
     torch.testing.assert_close(layer(g, x), ref, rtol=1e-13, atol=1e-13)
-    assert calls == [1]
+    assert calls == {"fn": 1, "forward": 1}
+    with torch.no_grad():
+        out2, a2 = layer(g, x, get_attention=True)
+        out3 = layer(g, x)
+    assert calls == {"fn": 1, "forward": 3}
+    torch.testing.assert_close(out2, ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(out3, ref, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(a2, a, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_without_gradient_matches_torch_backend(training):
+    """Under no_grad the layer returns the kernel's attention (after dropout: the same draws as the torch
+    backend's F.dropout) and output, as the torch backend does (float64, 8 x 8 on two threads)."""
+    g = bipartite(3000, 3000, 40000, seed=11)
+    x = torch.randn(3000, 16, dtype=torch.float64)
+    got = {}
+    for backend in (None, "torch"):
+        torch.manual_seed(0)
+        layer = gatx.GATv2Conv(16, 8, 8, attn_drop=0.3, allow_zero_in_degree=True).double().train(training)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            got[backend] = layer(g, x, get_attention=True, backend=backend)
+    for ours, ref in zip(got[None], got["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    assert got[None][1].shape == (g.num_edges, 8, 1)
