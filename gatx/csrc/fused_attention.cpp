@@ -659,6 +659,33 @@ __attribute__((always_inline)) inline void prefetch_src_pass(const Args<T>& A, i
   }
 }
 
+// The threads of a pass that keeps a sum of `bytes` per thread: the sums stay under 1 GiB in all (fewer
+// threads for a huge graph); all of them without sums
+inline int threads_for_sums(bool sums, int nthreads, int64_t bytes) {
+  if (!sums) return nthreads;
+  return static_cast<int>(std::min<int64_t>(nthreads, 1 + (int64_t(1) << 30) / std::max<int64_t>(1, bytes)));
+}
+
+// n elements at a 64-byte boundary when `want`, else none (ptr null); not zeroed
+template <typename T>
+struct AlignedBuffer {
+  std::unique_ptr<T[]> mem;
+  T* ptr;
+  AlignedBuffer(bool want, int64_t n)
+      : mem(want ? new T[n + 64 / sizeof(T)] : nullptr),
+        ptr(reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(mem.get()) + 63) & ~uintptr_t(63))) {}
+};
+
+// dst[:width] += the `parts` rows at first, first + step, first + 2 step, ...: other threads' sums of a row
+template <typename T>
+inline void add_sums(T* __restrict dst, const T* __restrict first, int parts, int64_t step, int64_t width) {
+  for (int t = 0; t < parts; ++t) {
+    const T* __restrict part = first + t * step;
+#pragma omp simd
+    for (int64_t col = 0; col < width; ++col) dst[col] += part[col];
+  }
+}
+
 // ---------------------------------------------------------------- backward over the src rows: pass B and the single pass
 // Every gradient in one pass over the src rows, without the dst pass (and its gather of v per edge):
 // delta[i] = sum_e p c da = <g[i], o[i]> (o = the forward's output; no attention gradient ga), then per
@@ -680,13 +707,10 @@ int backward_single(const Args<T>& args) {
   // nodes, 2.1M edges, 8 heads, 2 threads: a GAT layer's fwd+bwd 5-7% faster in alternating runs).
   const bool pack = args.dq && SC == kAdd && 2 * kw * int64_t(sizeof(T)) <= 64;
   const int64_t qd = pack ? 2 * kw : kw, dq_at = pack ? kw : 0;  // a slice's row stride; dq's offset in a row
-  // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
-  const int64_t per_thread = std::max<int64_t>(1, n_dst * qd * int64_t(sizeof(T)));
-  const int nt = args.dq ? static_cast<int>(std::min<int64_t>(args.nthreads, 1 + (int64_t(1) << 30) / per_thread))
-                         : args.nthreads;
+  const int nt = threads_for_sums(args.dq, args.nthreads, n_dst * qd * int64_t(sizeof(T)));
   // not zeroed here (a serial memset of 12.8 MB at 100k nodes, 2 threads): the prologue writes every row
-  std::unique_ptr<T[]> extra(args.dq ? new T[nt * n_dst * qd + 64 / sizeof(T)] : nullptr);
-  T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.get()) + 63) & ~uintptr_t(63));
+  const AlignedBuffer<T> extra(args.dq, nt * n_dst * qd);
+  T* const base = extra.ptr;
   const int64_t chunk = chunk_for(args.n_rows, nt), chunk_dst = chunk_for(n_dst, nt);
   if (args.dob) std::fill(args.dob, args.dob + H * Dv, T(0));
   int bad = 0;
@@ -818,11 +842,7 @@ int backward_single(const Args<T>& args) {
         const T* first = base + row * qd + dq_at;
         T* __restrict dst = A.dq + row * A.dq_stride;
         std::copy(first, first + kw, dst);
-        for (int t = 1; t < nt; ++t) {
-          const T* part = first + t * n_dst * qd;
-#pragma omp simd
-          for (int64_t col = 0; col < kw; ++col) dst[col] += part[col];
-        }
+        add_sums(dst, first + n_dst * qd, nt - 1, n_dst * qd, kw);
       }
     }
   }
@@ -844,12 +864,9 @@ template <typename T, int HC, int DC>
 int gat2_backward(const Args<T>& args) {
   const int64_t H = HC ? HC : args.H, D = DC ? DC : args.Dk, kw = H * D;
   const int64_t n_edges = args.indptr[args.n_rows], n_src = args.n_other;
-  // the per-thread buffers stay under 1 GiB: fewer threads for a huge graph
-  const int64_t per_thread = std::max<int64_t>(1, n_src * kw * int64_t(sizeof(T)));
-  const int nt = args.out ? static_cast<int>(std::min<int64_t>(args.nthreads, 1 + (int64_t(1) << 30) / per_thread))
-                          : args.nthreads;
-  std::unique_ptr<T[]> extra(args.out && nt > 1 ? new T[(nt - 1) * n_src * kw + 64 / sizeof(T)] : nullptr);
-  T* const base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(extra.get()) + 63) & ~uintptr_t(63));
+  const int nt = threads_for_sums(args.out, args.nthreads, n_src * kw * int64_t(sizeof(T)));
+  const AlignedBuffer<T> extra(args.out && nt > 1, (nt - 1) * n_src * kw);  // zeroed in the region
+  T* const base = extra.ptr;
   const int64_t chunk = chunk_for(args.n_rows, nt), chunk_src = chunk_for(n_src, nt);
   if (args.dav) std::fill(args.dav, args.dav + kw, T(0));
   int bad = 0;
@@ -866,18 +883,11 @@ int gat2_backward(const Args<T>& args) {
     const int tid = omp_get_thread_num();
     T* __restrict dfst = !A.out ? nullptr : tid == 0 ? A.out : base + (tid - 1) * n_src * kw;
     const int64_t fst = tid == 0 ? A.out_stride : kw;  // dfst's row stride
-    std::vector<T> vec(8 * H), zv(4 * kw), davs(A.dav ? kw : 0);
-    T* __restrict s = vec.data();
-    T* __restrict fac = s + H;
-    T* __restrict c = fac + H;
-    T* __restrict kd = c + H;
-    T* __restrict p = kd + H;
-    T* __restrict da = p + H;
-    T* __restrict dz = da + H;
-    T* __restrict delta = dz + H;
-    T* __restrict zb = zv.data();  // z, lrelu(z) (scores), t
-    T* __restrict tb = zb + 2 * kw;
-    T* __restrict accq = tb + kw;  // fd[i]'s gradient
+    // per edge: H values each of s, fac, c, kd, p, da, dz; per row delta (H) and fd[i]'s gradient (kw); z,
+    // lrelu(z) (written by scores) and t (kw each)
+    std::vector<T> heads(8 * H), rows(4 * kw), davs(A.dav ? kw : 0);
+    T *s = heads.data(), *fac = s + H, *c = fac + H, *kd = c + H, *p = kd + H, *da = p + H, *dz = da + H, *delta = dz + H;
+    T *zb = rows.data(), *tb = zb + 2 * kw, *accq = tb + kw;
     const T slope = A.slope;
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < A.n_rows; ++i) {
@@ -954,14 +964,7 @@ int gat2_backward(const Args<T>& args) {
     }
     if (A.out && nt > 1) {
 #pragma omp for schedule(dynamic, chunk_src)
-      for (int64_t row = 0; row < n_src; ++row) {
-        T* __restrict dst = A.out + row * A.out_stride;
-        for (int t = 1; t < nt; ++t) {
-          const T* __restrict part = base + ((t - 1) * n_src + row) * kw;
-#pragma omp simd
-          for (int64_t col = 0; col < kw; ++col) dst[col] += part[col];
-        }
-      }
+      for (int64_t row = 0; row < n_src; ++row) add_sums(A.out + row * A.out_stride, base + row * kw, nt - 1, n_src * kw, kw);
     }
   }
   return bad ? 2 : 0;
