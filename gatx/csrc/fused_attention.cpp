@@ -14,6 +14,7 @@
 // Notation: row i (a dst node), edge e (original edge id), j = src of e, h head, D value width.
 //   additive: z = k[j,h] + q[i,h] (+ bias[e,h]),   s = z > 0 ? z : slope * z
 //   dot:      s = scale * <q[i,h,:], k[j,h,:]> (+ bias[e,h])
+//   GATv2:    z = q[i,h,:] + k[j,h,:] (+ ee[e,h,:]),  s = sum_d av[h,d] * lrelu(z[h,d])  (k is v; gat2_backward)
 //   p = exp(s - lse[i,h]) (the softmax), c = keep[e,h] * keep_scale * w[e(,h)], a = p * c
 //   out[i,h,:] = sum_e a * v[j,h,:] (+ ob[h,:], a layer's output bias, when given)
 // Shared values (v_shared): v has one head, v[j,:], read by every head (v[j,h,:] = v[j,:] above), and

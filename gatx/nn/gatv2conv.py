@@ -272,38 +272,30 @@ class GATv2Conv(nn.Module):
             # returned, or torch asks for deterministic algorithms (this backward sums fs's gradient per
             # thread), the score and the attention run as two calls below.
             keep, keep_scale = fused.keep_mask(g.num_edges, S * H, self.attn_drop.p if self.training else 0.0)
-            if not grad:
-                rst, _, a = fused.gat2_attention(g, feat_src, feat_dst, attn[0], ee, slope, keep, keep_scale, get_attention)
-                rst = self._finish(rst, h_dst, g, prefix)
-                return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
-            rst = _FusedGAT2.apply(feat_src, feat_dst, attn, ee, keep, keep_scale, slope, g)
-            return self._finish(rst, h_dst, g, prefix)
-        if kernel:
-            s = _NodeScore.apply(feat_src, feat_dst, attn, ee, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
-        else:
-            pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
-            if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
-                s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
+            if grad:
+                rst, a = _FusedGAT2.apply(feat_src, feat_dst, attn, ee, keep, keep_scale, slope, g), None
             else:
-                s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
-        # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
-        # given-logits score), else the backend's edge_softmax and aggregate, as written out
-        res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,
-                                   training=self.training, return_attention=get_attention, backend=backend)
-        rst, a = res if get_attention else (res, None)
-        rst = self._finish(rst, h_dst, g, prefix)
-        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
-
-    def _finish(self, rst: Tensor, h_dst: Tensor, g: Any, prefix: tuple[int, ...]) -> Tensor:
-        """The aggregated rows (N_dst, S*H, D) as the layer's output (N_dst, *, H, D): the residual and the
-        activation applied."""
-        D = self._out_feats
-        rst = rst.view(g.num_dst, *prefix, self._num_heads, D)  # (N_dst, *, H, D)
+                rst, _, a = fused.gat2_attention(g, feat_src, feat_dst, attn[0], ee, slope, keep, keep_scale, get_attention)
+        else:
+            if kernel:
+                s = _NodeScore.apply(feat_src, feat_dst, attn, ee, slope, g)  # (E, S*H): no (E, S*H, D) pre-activations
+            else:
+                pre = ops.gat_score(g, feat_src, feat_dst, ee, backend=backend)  # (E, S*H, D)
+                if torch.compiler.is_compiling():  # Dynamo does not trace _LeakyScore's create_graph path (autograd.grad)
+                    s = (F.leaky_relu(pre, slope) * attn).sum(-1)  # (E, S*H)
+                else:
+                    s = _LeakyScore.apply(pre, attn, slope)  # (E, S*H)
+            # softmax, attention dropout and aggregation in one call: the fused kernel where it runs (the
+            # given-logits score), else the backend's edge_softmax and aggregate, as written out
+            res = ops.sparse_attention(g, None, None, feat_src, score="given", logits=s, dropout_p=self.attn_drop.p,
+                                       training=self.training, return_attention=get_attention, backend=backend)
+            rst, a = res if get_attention else (res, None)
+        rst = rst.view(g.num_dst, *prefix, H, D)  # (N_dst, *, H, D)
         if self.res_fc is not None and rst.numel():  # no residual for 0 dst nodes, as DGL (PR 7894)
             rst = rst + linear(self.res_fc, flat(h_dst)).view(g.num_dst, *prefix, -1, D)
         if self.activation is not None:
             rst = self.activation(rst)
-        return rst
+        return (rst, a.view(g.num_edges, *prefix, H, 1)) if get_attention else rst
 
     def extra_repr(self) -> str:
         s = f"in_feats={(self._in_src_feats, self._in_dst_feats)}, out_feats={self._out_feats}, num_heads={self._num_heads}"
