@@ -46,6 +46,8 @@ class _NodeScore(torch.autograd.Function):
         fs, fd, attn, ee = ctx.saved_tensors
         want = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
+            # fresh aliases: fd may be a slice of fs (shared weights), each input's gradient counts its own uses
+            fs, fd, attn, ee = (t.view_as(t) if t is not None else None for t in (fs, fd, attn, ee))
             pre = ops.gat_score(ctx.graph, fs, fd, ee, backend="torch")
             s = (F.leaky_relu(pre, ctx.slope) * attn).sum(-1)
             return wanted_grads(s, (fs, fd, attn, ee), want, g, create_graph=True) + (None, None)
