@@ -186,6 +186,19 @@ def _shared_values(q: Tensor, v: Tensor) -> bool:
     return v.shape[1] == 1 and q.shape[1] != 1
 
 
+def _gat2_args(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None) -> tuple[Tensor | None, ...]:
+    """(fs, fd, attn, ee) contiguous, as GATv2's kernels (:func:`gat2_score`, :func:`gat2_attention`) read
+    them, after checking their shapes and dtype."""
+    H, D = attn.shape
+    E = graph.num_edges
+    if (fs.shape != (graph.num_src, H, D) or fd.shape != (graph.num_dst, H, D) or (ee is not None and ee.shape != (E, H, D))
+            or len({t.dtype for t in (fs, fd, attn, ee) if t is not None}) != 1 or fs.dtype not in _DTYPES):
+        raise ValueError(f"GATv2's fused kernels need float32 / float64 fs (num_src, H, D), fd (num_dst, H, D), "
+                         f"ee (E, H, D) and attn (H, D) of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, "
+                         f"{tuple(ee.shape) if ee is not None else None}, {tuple(attn.shape)}")
+    return tuple(t.contiguous() if t is not None else None for t in (fs, fd, attn, ee))
+
+
 def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float, ee: Tensor | None = None,
                g: Tensor | None = None, need: tuple[bool, ...] = (False,) * 4) -> Any:
     """GATv2's edge scores from the node rows, ``(leaky_relu(fs[src] + fd[dst] (+ ee), slope) * attn).sum(-1)``
@@ -194,18 +207,11 @@ def gat2_score(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, slope: float,
     pre-activations: one pass over the graph's CSR. With ``g`` (dL/ds, (E, H)) instead, the backward
     (dfs, dfd, dattn, dee), each computed when ``need`` asks for it (None otherwise): dfd, dattn and dee
     from one pass over the CSR, dfs from one over the CSC."""
+    fs, fd, attn, ee = _gat2_args(graph, fs, fd, attn, ee)
     lib = load()
     fn = lib.gatx_gat2_score_f32 if fs.dtype == torch.float32 else lib.gatx_gat2_score_f64
-    fs, fd, attn = fs.contiguous(), fd.contiguous(), attn.contiguous()
-    ee = ee.contiguous() if ee is not None else None
     H, D = attn.shape
     ns, nd, E = graph.num_src, graph.num_dst, graph.num_edges
-    dtypes = {t.dtype for t in (fs, fd, attn, ee) if t is not None}
-    if (fs.shape != (ns, H, D) or fd.shape != (nd, H, D) or (ee is not None and ee.shape != (E, H, D))
-            or len(dtypes) != 1 or fs.dtype not in _DTYPES):
-        raise ValueError(f"gat2_score needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D), ee (E, H, D) "
-                         f"and attn (H, D) of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, "
-                         f"{tuple(ee.shape) if ee is not None else None}, {tuple(attn.shape)}")
     threads = torch.get_num_threads()
     csr = graph.csr()
 
@@ -248,18 +254,6 @@ def gat2_fits(num_src: int, width: int, dtype: torch.dtype) -> bool:
     (num_src, width) buffer per thread, and the kernel takes fewer threads past 1 GiB of them."""
     item = torch.empty((), dtype=dtype).element_size()
     return num_src * width * item * torch.get_num_threads() <= 1 << 30
-
-
-def _gat2_args(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None) -> tuple[Tensor, ...]:
-    """(fs, fd, attn, ee) as the kernel reads them, after checking their shapes and dtype."""
-    H, D = attn.shape
-    E = graph.num_edges
-    if (fs.shape != (graph.num_src, H, D) or fd.shape != (graph.num_dst, H, D) or (ee is not None and ee.shape != (E, H, D))
-            or len({t.dtype for t in (fs, fd, attn, ee) if t is not None}) != 1 or fs.dtype not in _DTYPES):
-        raise ValueError(f"GATv2's fused attention needs float32 / float64 fs (num_src, H, D), fd (num_dst, H, D), "
-                         f"ee (E, H, D) and attn (H, D) of one dtype, got {tuple(fs.shape)}, {tuple(fd.shape)}, "
-                         f"{tuple(ee.shape) if ee is not None else None}, {tuple(attn.shape)}")
-    return fs.contiguous(), _rows(fd), attn.contiguous(), ee.contiguous() if ee is not None else None
 
 
 def gat2_attention(graph: Graph, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None, slope: float,

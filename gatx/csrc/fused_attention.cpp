@@ -296,12 +296,57 @@ inline void shared_dots(const T* __restrict g, const T* __restrict v, T* __restr
   }
 }
 
+// GATv2's pre-activation of one edge, z = (a + b) (+ e) (H x D values), added as the written-out form adds them
+template <typename T>
+inline void gat2_preact(const T* __restrict a, const T* __restrict b, const T* __restrict e, T* __restrict z,
+                        int64_t HD) {
+#pragma omp simd
+  for (int64_t x = 0; x < HD; ++x) z[x] = a[x] + b[x];
+  if (e) {
+#pragma omp simd
+    for (int64_t x = 0; x < HD; ++x) z[x] += e[x];
+  }
+}
+
+// GATv2's score of one edge from its pre-activation: lr = lrelu(z) (lr may be z itself), then s[h] =
+// sum_d attn[h,d] * lr[h,d] (float 8 x 8: head_dots's shuffle tree)
+template <typename T, int HC, int DC>
+inline void gat2_score_of(const T* z, const T* __restrict attn, T slope, T* lr, T* __restrict s, int64_t H_,
+                          int64_t D_) {
+  const int64_t H = HC ? HC : H_, D = DC ? DC : D_;
+#pragma omp simd
+  for (int64_t x = 0; x < H * D; ++x) lr[x] = z[x] * (z[x] > 0 ? T(1) : slope);
+  head_dots<T, HC, DC>(attn, lr, s, H, D);
+}
+
+// One edge's backward terms: t = g[e,h] * attn[h,d] * lrelu'(z) summed into the row's gradient, written
+// to the edge's gradient when DE, and g * lrelu(z) into attn's partial sums when given. DE is a template
+// flag: as a run-time test inside the vectorised loop, the store made GATv2Conv without edge features about
+// 1.1x slower at 10k nodes and more at 100k (alternating processes, 2 threads).
+template <typename T, bool DE, int HC, int DC>
+inline void gat2_edge_grad(const T* __restrict z, const T* __restrict ge, const T* __restrict attn, T slope,
+                           int64_t H_, int64_t D_, T* __restrict acc_row, T* __restrict de, T* __restrict acc) {
+  const int64_t H = HC ? HC : H_, D = DC ? DC : D_;
+  for (int64_t h = 0; h < H; ++h) {
+    const T gh = ge[h];
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) {
+      const T x = z[h * D + d];
+      const T m = x > 0 ? T(1) : slope;
+      const T t = gh * attn[h * D + d] * m;
+      acc_row[h * D + d] += t;
+      if (DE) de[h * D + d] = t;
+      if (acc) acc[h * D + d] += gh * (x * m);
+    }
+  }
+}
+
 // The score kinds (template parameter SC): additive (GAT's scalar terms), dot product, and GATv2's
 // vector score, kV2: z = q[i,h,:] + k[j,h,:] (+ ee[e,h,:]), s = sum_d av[h,d] * lrelu(z[h,d]) (+ bias).
 constexpr int kAdd = 0, kDot = 1, kV2 = 2;
 
-// The score s of edge (i <- j, id e) for all heads; fac[h] = ds/dz (additive) or 1. kV2 also leaves z
-// and lrelu(z) (H x Dk each) in zb for the backward. Branch free (the sign of z is random: a branch per
+// The score s of edge (i <- j, id e) for all heads; fac[h] = ds/dz (additive) or 1. kV2 leaves z (which
+// its backward reads) and lrelu(z), H x Dk each, in zb. Branch free (the sign of z is random: a branch per
 // head would mispredict half the time).
 template <typename T, int SC, int HC, int DC>
 inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restrict s, T* __restrict fac,
@@ -310,20 +355,8 @@ inline void scores(const Args<T>& A, int64_t i, int64_t j, int64_t e, T* __restr
   const T* __restrict b = A.bias ? A.bias + e * H : nullptr;
   if constexpr (SC == kV2) {
     const int64_t HD = H * (DC ? DC : A.Dk);
-    const T* __restrict qi = A.q + i * A.q_stride;
-    const T* __restrict kj = A.k + j * A.k_stride;
-    const T* __restrict er = A.ee ? A.ee + e * HD : nullptr;
-    const T slope = A.slope;
-    T* __restrict z = zb;
-    T* __restrict lr = zb + HD;
-    // (fs + fd) + ee, as gat2_score_impl's passes and the written-out form add them
-#pragma omp simd
-    for (int64_t x = 0; x < HD; ++x) {
-      const T zx = (kj[x] + qi[x]) + (er ? er[x] : T(0));
-      z[x] = zx;
-      lr[x] = zx * (zx > 0 ? T(1) : slope);
-    }
-    head_dots<T, HC, DC>(A.av, lr, s, H, DC ? DC : A.Dk);
+    gat2_preact(A.k + j * A.k_stride, A.q + i * A.q_stride, A.ee ? A.ee + e * HD : nullptr, zb, HD);
+    gat2_score_of<T, HC, DC>(zb, A.av, A.slope, zb + HD, s, H, A.Dk);
 #pragma omp simd
     for (int64_t h = 0; h < H; ++h) {
       s[h] += b ? b[h] : T(0);
@@ -929,24 +962,9 @@ int gat2_backward(const Args<T>& args) {
           dz[h] = p[h] * (c[h] * da[h] - delta[h]);
           p[h] *= c[h];  // the attention weight a
         }
-        const T* __restrict z = zb;
-        const T* __restrict lr = zb + kw;
-        for (int64_t h = 0; h < H; ++h) {
-          const T dzh = dz[h];
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) tb[h * D + d] = dzh * A.av[h * D + d] * (z[h * D + d] > 0 ? T(1) : slope);
-        }
-#pragma omp simd
-        for (int64_t x = 0; x < kw; ++x) accq[x] += tb[x];
+        // t into fd's gradient and tb (for ee's and fs's), dz * lrelu(z) into attn's
+        gat2_edge_grad<T, true, HC, DC>(zb, dz, A.av, slope, H, D, accq, tb, A.dav ? davs.data() : nullptr);
         if (A.dee) std::copy(tb, tb + kw, A.dee + e * kw);
-        if (A.dav) {
-          T* __restrict dav = davs.data();
-          for (int64_t h = 0; h < H; ++h) {
-            const T dzh = dz[h];
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) dav[h * D + d] += dzh * lr[h * D + d];
-          }
-        }
         if (dfst) {  // fs[j] += a g[i] + t
           T* __restrict fj = dfst + j * fst;
           for (int64_t h = 0; h < H; ++h) {
@@ -1109,28 +1127,6 @@ void sum_blocks(T* out, const T* part, int64_t blocks, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] += part[b * n + i];
 }
 
-// One edge's backward terms: t = g[e,h] * attn[h,d] * lrelu'(z) summed into the row's gradient, written
-// to the edge's gradient when DE, and g * lrelu(z) into attn's partial sums when given. DE is a template
-// flag: as a run-time test inside the vectorised loop, the store made GATv2Conv without edge features about
-// 1.1x slower at 10k nodes and more at 100k (alternating processes, 2 threads).
-template <typename T, bool DE, int HC, int DC>
-inline void gat2_edge_grad(const T* __restrict z, const T* __restrict ge, const T* __restrict attn, T slope,
-                           int64_t H_, int64_t D_, T* __restrict acc_row, T* __restrict de, T* __restrict acc) {
-  const int64_t H = HC ? HC : H_, D = DC ? DC : D_;
-  for (int64_t h = 0; h < H; ++h) {
-    const T gh = ge[h];
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) {
-      const T x = z[h * D + d];
-      const T m = x > 0 ? T(1) : slope;
-      const T t = gh * attn[h * D + d] * m;
-      acc_row[h * D + d] += t;
-      if (DE) de[h * D + d] = t;
-      if (acc) acc[h * D + d] += gh * (x * m);
-    }
-  }
-}
-
 template <typename T, int HC, int DC>
 int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges, int64_t H_, int64_t D_,
                     const int64_t* indptr, const int64_t* nbr, const int64_t* eid, const T* a_rows, const T* b_rows,
@@ -1180,18 +1176,9 @@ int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges,
           }
           const int64_t o = nbr[p], e = eid[p];
           if (bad_edge(o, e, n_other, n_edges)) { bad = true; break; }
-          const T* br = b_rows + o * HD;
-#pragma omp simd
-          for (int64_t i = 0; i < HD; ++i) z[i] = ar[i] + br[i];
-          if (e_rows) {
-            const T* er = e_rows + e * HD;
-#pragma omp simd
-            for (int64_t i = 0; i < HD; ++i) z[i] += er[i];
-          }
-          if (which == 0) {  // lrelu(z), then the per-head sums with attn (float 8 x 8: one shuffle tree)
-#pragma omp simd
-            for (int64_t i = 0; i < HD; ++i) z[i] = z[i] * (z[i] > 0 ? T(1) : slope);
-            head_dots<T, HC, DC>(attn, z, s + e * H, H, D);
+          gat2_preact(ar, b_rows + o * HD, e_rows ? e_rows + e * HD : nullptr, z, HD);
+          if (which == 0) {
+            gat2_score_of<T, HC, DC>(z, attn, slope, z, s + e * H, H, D);
           } else if (dedge) {
             gat2_edge_grad<T, true, HC, DC>(z, g + e * H, attn, slope, H, D, acc_row, dedge + e * HD, acc);
           } else {

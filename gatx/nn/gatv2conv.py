@@ -26,6 +26,16 @@ def _on_kernel(*tensors: Tensor | None) -> bool:
             and fused.availability() is None)
 
 
+def _written_score(graph: Any, fs: Tensor, fd: Tensor, attn: Tensor, ee: Tensor | None,
+                   slope: float) -> tuple[tuple[Tensor | None, ...], Tensor]:
+    """GATv2's (E, H) scores written out in differentiable torch ops, for a backward that builds a graph:
+    (fresh aliases of (fs, fd, attn, ee), the scores from them). fd may be a slice of fs (shared weights):
+    through the aliases each input's gradient counts its own uses only."""
+    inputs = tuple(t.view_as(t) if t is not None else None for t in (fs, fd, attn, ee))
+    fs, fd, attn, ee = inputs
+    return inputs, (F.leaky_relu(ops.gat_score(graph, fs, fd, ee, backend="torch"), slope) * attn).sum(-1)
+
+
 class _NodeScore(torch.autograd.Function):
     """GATv2's per-edge scores ``(leaky_relu(fs[src] + fd[dst] (+ ee)) * attn).sum(-1)`` (E, H) from the node
     rows and an optional per-edge term ``ee`` (E, H, D) (edge features), on the fused library
@@ -46,11 +56,8 @@ class _NodeScore(torch.autograd.Function):
         fs, fd, attn, ee = ctx.saved_tensors
         want = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
-            # fresh aliases: fd may be a slice of fs (shared weights), each input's gradient counts its own uses
-            fs, fd, attn, ee = (t.view_as(t) if t is not None else None for t in (fs, fd, attn, ee))
-            pre = ops.gat_score(ctx.graph, fs, fd, ee, backend="torch")
-            s = (F.leaky_relu(pre, ctx.slope) * attn).sum(-1)
-            return wanted_grads(s, (fs, fd, attn, ee), want, g, create_graph=True) + (None, None)
+            inputs, s = _written_score(ctx.graph, fs, fd, attn, ee, ctx.slope)
+            return wanted_grads(s, inputs, want, g, create_graph=True) + (None, None)
         dfs, dfd, dattn, dee = fused.gat2_score(ctx.graph, fs, fd, attn[0], ctx.slope, ee, g, want)
         return dfs, dfd, dattn.unsqueeze(0) if dattn is not None else None, dee, None, None
 
@@ -77,9 +84,7 @@ class _FusedGAT2(torch.autograd.Function):
         graph, slope, keep_scale = ctx.graph, ctx.slope, ctx.keep_scale
         want = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # create_graph: a differentiable recomputation
-            # fresh aliases: fd may be a slice of fs (shared weights), each input's gradient counts its own uses
-            inputs = tuple(t.view_as(t) if t is not None else None for t in (fs, fd, attn, ee))
-            s = (F.leaky_relu(ops.gat_score(graph, *inputs[:2], inputs[3], backend="torch"), slope) * inputs[2]).sum(-1)
+            inputs, s = _written_score(graph, fs, fd, attn, ee, slope)
             zq, zk = s.new_zeros((graph.num_dst, s.shape[1])), s.new_zeros((graph.num_src, s.shape[1]))
             o, _ = fused.reference(graph.src, graph.dst, graph.num_dst, zq, zk, inputs[0], s, None, keep, False, 1.0, 1.0,
                                    keep_scale)  # given scores: additive with zero node terms and slope 1
