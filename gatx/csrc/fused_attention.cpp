@@ -452,7 +452,7 @@ int forward(const Args<T>& args) {
     T* __restrict kd = c + H;
     T* __restrict a = kd + H;
     std::fill(c, c + H, T(1));
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = indptr[i], deg = indptr[i + 1] - p0;
       if (bad || bad_row(p0, p0 + deg, n_edges)) {
@@ -569,7 +569,7 @@ int backward_dst(const Args<T>& args) {
     T* __restrict da = kd + H;
     T* __restrict delta = da + H;
     T* __restrict dqi = dqv.data();
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
       if (bad || bad_row(p0, p0 + deg, n_edges)) {
@@ -871,7 +871,7 @@ int backward_single(const Args<T>& args) {
       if (A.dk) std::copy(acck.begin(), acck.end(), A.dk + j * A.dk_stride);
     }
     if (A.dq) {
-#pragma omp for schedule(dynamic, chunk_dst)
+#pragma omp for schedule(dynamic, chunk_dst) nowait
       for (int64_t row = 0; row < n_dst; ++row) {
         const T* first = base + row * qd + dq_at;
         T* __restrict dst = A.dq + row * A.dq_stride;
@@ -982,7 +982,7 @@ int gat2_backward(const Args<T>& args) {
       for (int64_t x = 0; x < kw; ++x) A.dav[x] += davs[x];
     }
     if (A.out && nt > 1) {
-#pragma omp for schedule(dynamic, chunk_src)
+#pragma omp for schedule(dynamic, chunk_src) nowait
       for (int64_t row = 0; row < n_src; ++row) add_sums(A.out + row * A.out_stride, base + row * kw, nt - 1, n_src * kw, kw);
     }
   }
@@ -1152,7 +1152,7 @@ int gat2_score_impl(int which, int64_t n_rows, int64_t n_other, int64_t n_edges,
   {
     std::unique_ptr<T[]> buf(new (std::nothrow) T[2 * HD]);
     failed = !buf;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t b = 0; b < blocks; ++b) {
       if (failed || bad) continue;
       T* z = buf.get();
