@@ -46,6 +46,13 @@ recorded beside its wall time, which splits that loss in two:
 
 so that ``contended_over_1thread`` is about ``cpu_over_1thread / cores_contended``.
 
+The slowdown itself splits exactly (a product of the medians' ratios) into three factors:
+``slowdown = cores_quiet * cpu_over_quiet / cores_contended``, where ``cores_quiet`` is quiet CPU / quiet
+wall (the cores the system keeps busy alone, spinning included) and ``cpu_over_quiet`` is contended CPU /
+quiet CPU on the same threads: the CPU the same call costs more beside the neighbours. That factor
+compares two systems' losses to contention without their different 1 -> n thread scaling (a system whose
+second thread adds parallel overhead when quiet shows it in ``cpu_quiet_over_1thread``, not here).
+
     python benchmarks/bench_contention.py                      # 100k nodes, 2 busy processes
     python benchmarks/bench_contention.py --nodes 2708 --busy 2 --json contention.json
     python benchmarks/bench_contention.py --rounds 3 --busy-threads 2   # 3 rounds; neighbours on every core
@@ -227,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
             "quiet_cpu_ms": 1e3 * cpu_quiet, "quiet_1thread_cpu_ms": 1e3 * cpu_one, "contended_cpu_ms": 1e3 * cpu_busy,
             "cores_contended": cpu_busy / busy, "cpu_over_1thread": cpu_busy / cpu_one,
             "cpu_quiet_over_1thread": cpu_quiet / cpu_one,
+            "cores_quiet": cpu_quiet / quiet, "cpu_over_quiet": cpu_busy / cpu_quiet,
             "round_slowdowns": per_round[name], "rounds_no_worse": no_worse,
             **{f"{ph}_load_avg": [r[ph]["load_avg_1min"] for r in rounds] for ph in ("quiet", "quiet_1thread", "contended")},
             "max_rel_diff": diff,
         })
         log(f"  {name}: slowdown x{busy / quiet:.2f} with {args.busy} busy {args.busy_kind} processes of {args.busy_threads} thread(s) "
             f"(1 -> {threads} threads x{one / quiet:.2f} faster; contended / quiet on 1 thread x{busy / one:.2f}: "
-            f"CPU per call x{cpu_busy / cpu_one:.2f} on {cpu_busy / busy:.2f} cores); "
+            f"CPU per call x{cpu_busy / cpu_one:.2f} on {cpu_busy / busy:.2f} cores; {cpu_quiet / quiet:.2f} cores "
+            f"quiet x CPU per call x{cpu_busy / cpu_quiet:.2f} against quiet / {cpu_busy / busy:.2f} cores); "
             f"per round " + " ".join(f"{s:.2f}" for s in per_round[name]))
     log(f"  gatx's slowdown at most DGL's in {no_worse} of {args.rounds} rounds")
     write_json(args.json, env, rows)

@@ -309,6 +309,10 @@ def test_contention_bench_rows(tmp_path, kind, busy_threads) -> None:
         assert r["cpu_over_1thread"] == pytest.approx(r["contended_cpu_ms"] / r["quiet_1thread_cpu_ms"])
         assert r["cpu_quiet_over_1thread"] == pytest.approx(r["quiet_cpu_ms"] / r["quiet_1thread_cpu_ms"])
         assert 0 < r["cores_contended"] <= os.cpu_count() + 0.5  # no more cores than the machine has (timer slack)
+        assert r["cores_quiet"] == pytest.approx(r["quiet_cpu_ms"] / r["quiet_median_ms"])
+        assert r["cpu_over_quiet"] == pytest.approx(r["contended_cpu_ms"] / r["quiet_cpu_ms"])
+        # the exact split: cores kept busy alone x CPU per call against alone / cores got beside the neighbours
+        assert r["slowdown"] == pytest.approx(r["cores_quiet"] * r["cpu_over_quiet"] / r["cores_contended"])
         assert r["busy_processes"] == 1 and r["busy_threads"] == busy_threads and r["busy_kind"] == kind
         assert r["quiet_median_ms"] > 0
         assert r["rounds"] == 2 and len(r["round_slowdowns"]) == 2 and len(r["contended_load_avg"]) == 2
