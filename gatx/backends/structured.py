@@ -13,10 +13,11 @@ dropout, edge weights, or bias that requires grad), that is one fused ``scaled_d
 call with the mask (the flash kernel on CPU). With a bias that needs a gradient (relative position
 bias) it is :class:`_DenseAttention`: one score buffer, softmax in place, a hand-written backward.
 With dropout, edge weights or returned attention it is written out and the backward is autograd's.
-Data movement avoids index gathers where the grid allows: tiles that are blocks of the (rolled)
-grid (windows, shifted windows: Swin's roll + partition) are strided copies (``BlockPlan``), halos
-that are ranges per axis (neighborhoods) are strided windows (``HaloPlan``); otherwise rows are
-gathered, with gathers plus segment sums as backward. Gradients of any order are exact.
+Data movement takes the grid's shortcuts where it allows: tiles that are blocks of the (rolled) grid
+(windows, shifted windows: Swin's roll + partition) are a row permutation (``BlockPlan``: one
+``index_select`` each way, or strided copies for large moves on several threads), halos that are
+ranges per axis (neighborhoods) are strided windows (``HaloPlan``); otherwise rows are gathered, with
+gathers plus segment sums as backward. Gradients of any order are exact.
 
 The tiling is separable: a grid of 1, 2 or 3 axes (e.g. Y x X, node ``y * X + x``, row-major) and
 per axis a 1-D tiling; a query may attend a key iff, on every axis, the key's coordinate is allowed
@@ -202,10 +203,11 @@ def _by_add(s: Tensor, add: Tensor, T: int) -> Tensor:
 
 
 def _strided_plans(tiling: Tiling) -> tuple[BlockPlan | None, HaloPlan | None]:
-    """The tiling's strided moves (block copies, halo windows) where they can run: eagerly, or only an
+    """The tiling's grid moves (block permutations, halo windows) where they can run: eagerly, or only an
     identity block plan (no move) while torch.compile traces. Their copies go through ``as_strided`` at
-    storage offsets, which Dynamo can neither read nor functionalize, so a traced call moves rows with
-    the tiling's row gathers instead (``query_nodes``, ``key_nodes``, ``owner``), as for other tiles."""
+    storage offsets, which Dynamo can neither read nor functionalize, and a block plan's permutation is
+    built and cached on first use, so a traced call moves rows with the tiling's row gathers instead
+    (``query_nodes``, ``key_nodes``, ``owner``), as for other tiles."""
     compiling = torch.compiler.is_compiling()
     blocks = tiling.blocks if tiling.blocks is not None and (tiling.blocks.identity or not compiling) else None
     return blocks, None if compiling else tiling.halo
@@ -221,7 +223,7 @@ def _edges_to_dense(vals: Tensor, tiling: Tiling, fill: float) -> tuple[Tensor, 
     if tiling.edge_order:
         return vals, False
     T, Qt, Kt = tiling.mask.shape
-    if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (strided copies when tiles are blocks)
+    if tiling.edge_rows:  # (C, N, Kt) rows, moved like the queries (the block plan's moves when tiles are blocks)
         rows = vals.contiguous().view(vals.shape[0], -1, Kt)
         blocks, _ = _strided_plans(tiling)
         dense = blocks.to_blocks(rows) if blocks is not None else tiling.query_nodes(rows)
@@ -342,7 +344,7 @@ def _tiled(
     T, Qt, Kt = tl.mask.shape
     q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))  # (H, N, D): no copy when head-major
     blocks, halo = _strided_plans(tl)
-    if blocks is not None:  # tiles are blocks of the (rolled) grid: strided copies, no gather
+    if blocks is not None:  # tiles are blocks of the (rolled) grid: a row permutation
         Q = blocks.to_blocks(q).view(H * T, Qt, D)
     else:
         Q = tl.query_nodes(q).view(H * T, Qt, D)

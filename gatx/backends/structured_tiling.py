@@ -4,7 +4,7 @@ A :class:`Tiling` is the structured backend's contract (see :mod:`gatx.backends.
 dense layout it describes): per grid axis an :class:`AxisTiling` (1-D tiles of query positions and
 their key halos), combined by :func:`grid_tiling` into the n-d tiling and the graph's edges.
 :class:`RowGather` is a row gather whose backward is a gather plus a segment sum; :class:`BlockPlan`
-moves rows between the grid and tiles that are blocks of the (rolled) grid by strided copies. The
+moves rows between the grid and tiles that are blocks of the (rolled) grid (a row permutation). The
 :mod:`gatx.vision` builders make these once per graph (cached); memory is O(L) per axis.
 """
 from __future__ import annotations

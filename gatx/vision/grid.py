@@ -514,9 +514,9 @@ def window_tile_order(
     ``query_nodes`` puts there); its edges are the window graph's, in the same order, and its
     structure the same but for the renumbering: the same dense layout, bias rows and mask, with
     an identity block plan. Tokens moved into tile order before a per-token projection (Swin's roll
-    and window partition, one strided copy of the C-wide input) then need no move per q, k and v:
-    a window attention module moves its input in and its output back (2 copies of C channels
-    instead of 4, and likewise in the backward). Cached like the window graph.
+    and window partition, one move of the C-wide input) then need no move per q, k and v: a window
+    attention module moves its input in and its output back (2 moves of C channels instead of 4, and
+    likewise in the backward). Cached like the window graph.
     """
     shape = tuple(shape)
     n = len(shape)

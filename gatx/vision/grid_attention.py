@@ -131,8 +131,8 @@ class _GridAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_grid_input(x, self.dim, self.ndim, type(self).__name__)
         shape = static_shape(tuple(x.shape[1:-1]))
-        # the tile order moves tokens by strided copies, which a traced call cannot run (as the structured
-        # backend's own moves); other backends gain nothing from it
+        # the tile order's moves (a permutation cached on first use, or strided copies) are not traced, as
+        # the structured backend's own moves are not; other backends gain nothing from it
         tiles = None
         if not torch.compiler.is_compiling() and self.backend in (None, "structured"):
             tiles = self._tile_order(shape, x.device)

@@ -25,7 +25,7 @@ CASES = {
     "na2d_dilated": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, dilation=2), (2, 6, 7, 8), {}, "aot_eager"),
     "na2d": (lambda: gv.NeighborhoodAttention2d(8, 2, 3), (2, 6, 7, 8), {}, "aot_eager"),
     "na3d": (lambda: gv.NeighborhoodAttention3d(8, 2, (2, 3, 3)), (1, 3, 4, 5, 8), {}, "aot_eager"),
-    # several tiles: query blocks and key halos moved (index tables while tracing, strided copies eagerly)
+    # several tiles: query blocks and key halos moved (index tables while tracing, the plans' moves eagerly)
     "na2d_tiles": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=True), (2, 12, 12, 8), {}, "aot_eager"),
     # no bias: one fused SDPA call (eagerly an autograd Function whose backward calls autograd.grad)
     "na2d_no_rpb": (lambda: gv.NeighborhoodAttention2d(8, 2, 3, rel_pos_bias=False), (2, 12, 12, 8), {}, "aot_eager"),

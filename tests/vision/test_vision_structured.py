@@ -233,6 +233,29 @@ def test_identity_block_plans(case):
     assert torch.equal(plan.to_blocks(x), copied) and torch.equal(plan.from_blocks(copied), x)
 
 
+@pytest.mark.parametrize("case", [((14, 14), 7, 0), ((14, 14), 7, 3), ((14, 21), 7, (3, 2)), ((4, 6, 6), (2, 3, 3), (1, 1, 1)),
+                                  ((12,), 4, 2)])
+def test_block_moves_gather_equals_copies(monkeypatch, case):
+    """A block plan moves rows by one row gather (its cached permutation) or, for large moves on several
+    threads, by its strided copies (``_by_copies``): both give the same tensor, both ways, and the
+    permutation and its inverse are inverse maps on the tensor's device."""
+    from gatx.backends import structured_moves as moves
+
+    shape, window, shift = case
+    plan = window_graph(shape, window, shift).structure.tiling.blocks
+    assert plan is not None and not plan.identity, case
+    x = torch.randn(3, torch.Size(shape).numel(), 5, dtype=torch.float64)
+    got = {}
+    for copies in (False, True):
+        monkeypatch.setattr(moves, "_by_copies", lambda plan, x, copies=copies: copies)
+        tiles = plan.to_blocks(x)
+        got[copies] = (tiles, plan.from_blocks(tiles))
+    assert torch.equal(got[False][0], got[True][0]) and torch.equal(got[False][1], x) and torch.equal(got[True][1], x)
+    perm, inv = plan.rows(x.device)
+    assert perm.dtype == torch.long and torch.equal(perm[inv], torch.arange(perm.numel()))
+    assert plan.rows(x.device)[0] is perm  # built once per device
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3), st.booleans()), min_size=1, max_size=3))
 def test_identity_flag_matches_the_copies(axes):
