@@ -36,8 +36,9 @@ class BlockPlan:
     ``index_select`` of rows (no roll), or, for large moves on several threads, the strided copies of
     the pieces below (one ``as_strided`` pair and ``copy_`` each; see :func:`_by_copies`);
     :meth:`from_blocks` is the inverse. The gather's cost is per row, the copies' mostly per piece: at
-    14x14, C=96, shift 3 (9 pieces) a move took 4.4 us gathered against 91 us copied. ``boxes`` per axis: (t0, t1, j0, j1, p0), tiles [t0, t1) x
-    slots [j0, j1) that read positions p0, p0 + 1, ... (row-major); at most 3 per axis.
+    14x14, C=96, shift 3 (9 pieces) a move took 4.4 us gathered against 91 us copied.
+    ``boxes`` per axis: (t0, t1, j0, j1, p0), tiles [t0, t1) x slots [j0, j1) that read positions p0,
+    p0 + 1, ... (row-major); at most 3 per axis.
     ``identity``: the tile order is the grid's row order (no roll, and no axis before the last one with
     several tiles has a tile longer than 1: one window over the whole grid, any 1-D tiling, Swin's
     last stage), so both moves return x itself and nothing is copied.
@@ -84,10 +85,9 @@ class BlockPlan:
         got = self._rows.get(device)
         if got is None:
             N = math.prod(self.shape)
-            perm = torch.empty(1, N, 1, dtype=torch.long)
-            for src, dst in _pieces(torch.arange(N).view(1, N, 1), perm, self.copies):
-                dst.copy_(src)
-            perm = perm.view(N)
+            perm = torch.arange(N)
+            if not self.identity:
+                perm = _copied_to_blocks(self, perm.view(1, N, 1)).view(N)
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(N)
             got = self._rows[device] = (perm.to(device), inv.to(device))
@@ -150,13 +150,17 @@ def _by_copies(plan: BlockPlan, x: Tensor) -> bool:
             and x.numel() >= (1 << 17 if len(plan.copies) == 1 else 1 << 20))
 
 
-def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
-    if not _by_copies(plan, x):
-        return x.index_select(1, plan.rows(x.device)[0])  # a new tensor, never a view
+def _copied_to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
     out = x.new_empty(x.shape[0], math.prod(plan.nts) * math.prod(plan.Ts), x.shape[-1])
     for src, dst in _pieces(x, out, plan.copies):
         dst.copy_(src)
     return out
+
+
+def _to_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
+    if _by_copies(plan, x):
+        return _copied_to_blocks(plan, x)
+    return x.index_select(1, plan.rows(x.device)[0])  # a new tensor, never a view
 
 
 def _from_blocks(plan: BlockPlan, x: Tensor) -> Tensor:
