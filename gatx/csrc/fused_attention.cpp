@@ -123,6 +123,12 @@ inline void prefetch_row(const T* base, int64_t row, int64_t stride, int64_t n) 
 // must lie in [0, n_other) and its id in [0, n_edges). A pass that finds a bad one skips the rest of its
 // rows and returns 2 (its outputs are then garbage, and the caller raises).
 inline bool bad_row(int64_t p0, int64_t p1, int64_t n_edges) { return p0 < 0 || p1 < p0 || p1 > n_edges; }
+// a pass's test at the top of each row: true (and bad set) when this thread has met a bad index before or
+// the row's edges [p0, p0 + deg) are out of range; the pass then skips the row
+inline bool skip_row(int& bad, int64_t p0, int64_t deg, int64_t n_edges) {
+  if (bad || bad_row(p0, p0 + deg, n_edges)) bad = 1;
+  return bad;
+}
 inline bool bad_edge(int64_t other, int64_t e, int64_t n_other, int64_t n_edges) {
   return (static_cast<uint64_t>(other) >= static_cast<uint64_t>(n_other)) |
          (static_cast<uint64_t>(e) >= static_cast<uint64_t>(n_edges));
@@ -455,10 +461,7 @@ int forward(const Args<T>& args) {
 #pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = indptr[i], deg = indptr[i + 1] - p0;
-      if (bad || bad_row(p0, p0 + deg, n_edges)) {
-        bad = 1;
-        continue;
-      }
+      if (skip_row(bad, p0, deg, n_edges)) continue;
       T* out_i = A.out + i * H * Dv;
       T* lse_i = A.stat + i * 2 * H;
       if (deg == 0) {
@@ -572,10 +575,7 @@ int backward_dst(const Args<T>& args) {
 #pragma omp for schedule(dynamic, chunk) nowait
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
-      if (bad || bad_row(p0, p0 + deg, n_edges)) {
-        bad = 1;
-        continue;
-      }
+      if (skip_row(bad, p0, deg, n_edges)) continue;
       const T* gi = A.g + i * H * Dv;
       const T* lse_i = A.stat + i * 2 * H;
       std::fill(delta, delta + H, T(0));
@@ -804,10 +804,7 @@ int backward_single(const Args<T>& args) {
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t j = 0; j < A.n_rows; ++j) {
       const int64_t p0 = A.indptr[j], deg = A.indptr[j + 1] - p0;
-      if (bad || bad_row(p0, p0 + deg, n_edges)) {
-        bad = 1;
-        continue;
-      }
+      if (skip_row(bad, p0, deg, n_edges)) continue;
       const T* vj = A.v + j * A.v_stride;
       const T* kj = A.k + j * A.k_stride;
       std::fill(accv.begin(), accv.end(), T(0));
@@ -926,10 +923,7 @@ int gat2_backward(const Args<T>& args) {
 #pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < A.n_rows; ++i) {
       const int64_t p0 = A.indptr[i], deg = A.indptr[i + 1] - p0;
-      if (bad || bad_row(p0, p0 + deg, n_edges)) {
-        bad = 1;
-        continue;
-      }
+      if (skip_row(bad, p0, deg, n_edges)) continue;
       const T* __restrict gi = A.g + i * kw;
       const T* __restrict lse_i = A.stat + i * 2 * H;
       head_dots<T, HC, DC>(gi, A.o + i * kw, delta, H, D);
